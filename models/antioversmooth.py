@@ -1,0 +1,64 @@
+"""AttnScale and FeatScale: the paper's contribution on one screen.
+
+Wang et al., "Anti-Oversmoothing in Deep Vision Transformers via the Fourier Domain Analysis:
+From Theory to Practice", ICLR 2022.
+
+Self-attention is a low-pass filter: a row-stochastic attention matrix keeps the DC component of
+the tokens (their mean) and shrinks everything else, so a deep stack of attention layers leaves
+only the DC token. Both add-ons split a signal into its DC part and its high-frequency (HF) rest,
+and give the HF rest a learned gain. With the gains at their zero init, both are the identity.
+
+    DC[x] = mean over tokens of x         HF[x] = x - DC[x]
+
+AttnScale, per attention layer and head h, on the attention matrix A (N x N, N tokens):
+    A_dc = DC[A] = 1/N everywhere (for row-stochastic A),   A' = A_dc + (1 + lamb_h) (A - A_dc)
+FeatScale, per block and channel, on the attention branch output y (B, N, C):
+    y' = y + s * (lamb1 * DC[y] + lamb2 * HF[y])
+where s = 1 in the paper and CaiT, and s = 2 in the released DeiT models (their code adds the
+scaled terms twice; the checkpoints were trained that way, so we keep it).
+
+Every function below is written so that zero gains reproduce the input bit for bit and the
+backward pass saves no N x N or (B, N, C) tensor beyond what the layer already holds.
+"""
+import torch
+
+
+def token_mean(x: torch.Tensor) -> torch.Tensor:
+    """DC component: the mean over the token axis (-2), kept as a length-1 token axis."""
+    return x.mean(dim=-2, keepdim=True)
+
+
+def dc_hf_split(x: torch.Tensor):
+    """Split tokens x (..., N, C) into their DC part (..., 1, C) and HF rest (..., N, C)."""
+    dc = token_mean(x)
+    return dc, x - dc
+
+
+def attnscale(attn: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
+    """AttnScale on an explicit attention matrix attn (B, H, N, N) with per-head gains lamb (H,).
+
+    A_dc + (1 + lamb)(A - A_dc) with A_dc = 1/N, written as (1 + lamb) A - lamb / N so that no
+    N x N constant is built and lamb = 0 returns A exactly.
+    """
+    lamb = lamb.to(attn.dtype).view(-1, 1, 1)
+    return attn * (1. + lamb) - lamb / attn.shape[-1]
+
+
+def attnscale_fused(out: torch.Tensor, v: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
+    """AttnScale applied after attention: A'v = (1 + lamb) (A v) - lamb DC[v].
+
+    out = A v (B, H, N, d) from a fused kernel, v (B, H, N, d). Exact, since A_dc v is DC[v] in
+    every row; valid whenever no dropout is applied to A.
+    """
+    lamb = lamb.to(out.dtype).view(-1, 1, 1)
+    return out * (1. + lamb) - lamb * token_mean(v)
+
+
+def featscale(y: torch.Tensor, lamb1: torch.Tensor, lamb2: torch.Tensor, repeat: float = 1.) -> torch.Tensor:
+    """FeatScale on y (B, N, C) with per-channel gains lamb1 (DC) and lamb2 (HF), each (C,).
+
+    y + s (lamb1 DC[y] + lamb2 HF[y]) = (1 + s lamb2) y + s (lamb1 - lamb2) DC[y]: one expression
+    of y and its token mean, so backward keeps only y (already saved upstream) and DC[y].
+    """
+    lamb1, lamb2 = lamb1.to(y.dtype), lamb2.to(y.dtype)
+    return y * (1. + repeat * lamb2) + (repeat * (lamb1 - lamb2)) * token_mean(y)

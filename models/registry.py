@@ -1,0 +1,55 @@
+"""Registering our variants in timm's model registry, and creating them with clear errors."""
+import difflib
+import sys
+
+import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, register_model
+
+RELEASED_WEIGHTS = 'https://huggingface.co/peihaowang/vit-anti-oversmoothing'
+OUR_MODULES = ('deit', 'cait')
+
+
+def default_cfg(img_size: int = 224, crop_pct: float = 0.875) -> dict:
+    """timm pretrained_cfg of an ImageNet-1k model trained at `img_size` (DeiT preprocessing)."""
+    return dict(
+        url='', num_classes=1000, input_size=(3, img_size, img_size), pool_size=None, crop_pct=crop_pct,
+        interpolation='bicubic', fixed_input_size=True, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        first_conv='patch_embed.proj', classifier='head', paper_ids='arXiv:2203.05962',
+    )
+
+
+def register_variant(module_name: str, name: str, model_cls, cfg: dict, **model_args) -> None:
+    """Register `name` as a timm entrypoint defined in `module_name` that builds `model_cls(**model_args)`.
+
+    Keyword arguments given to `timm.create_model` override `model_args` (e.g. `img_size`).
+    """
+    module = sys.modules[module_name]
+
+    def entrypoint(pretrained: bool = False, **kwargs):
+        if pretrained:
+            raise ValueError(
+                f'{name}: weights are never downloaded at run time; get the released checkpoint from '
+                f'{RELEASED_WEIGHTS} and load it with --resume (main.py) or models.load_checkpoint()')
+        feature_cfg = dict(out_indices=kwargs.pop('out_indices', 3), feature_cls='getter')
+        return build_model_with_cfg(model_cls, name, pretrained, feature_cfg=feature_cfg, **dict(model_args, **kwargs))
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = module_name
+    entrypoint.__doc__ = f'{name}: {model_cls.__name__}({", ".join(f"{k}={v}" for k, v in model_args.items())})'
+    module.default_cfgs[name] = cfg
+    setattr(module, name, register_model(entrypoint))
+
+
+def list_variants() -> list:
+    """Every model name this package registers, in registration order."""
+    return [n for m in OUR_MODULES for n in sys.modules[f'{__package__}.{m}'].__all__ if not n[0].isupper()]
+
+
+def create_model(name: str, **kwargs):
+    """`timm.create_model` that fails on an unknown name with the closest registered names."""
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, list_variants() + timm.list_models(), n=5, cutoff=0.5)
+        hint = f'; closest: {", ".join(close)}' if close else ''
+        raise ValueError(f'unknown model {name!r}{hint} (python main.py --list-models prints them all)')
+    return timm.create_model(name, **kwargs)

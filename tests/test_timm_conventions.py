@@ -1,0 +1,70 @@
+"""timm's own model-convention tests (from the timm sdist's tests/test_models.py), run on our variants.
+
+The sdist of the installed timm version is fetched once from PyPI into .cache/ (or TIMM_TESTS_DIR);
+its functions are called as they are, so a variant passes exactly what timm's DeiT and CaiT pass.
+Combinations that timm itself skips (a fixed input size over its limit: the 384 px CaiT models in
+all but the forward test) are not generated.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import timm
+
+import models
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get('TIMM_TESTS_DIR', ROOT / '.cache' / 'timm-tests'))
+
+
+def _timm_test_models():
+    src = CACHE / f'timm-{timm.__version__}'
+    if not (src / 'tests' / 'test_models.py').exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, '-m', 'pip', 'download', '-q', '--no-deps', '--no-binary', ':all:',
+                        f'timm=={timm.__version__}', '-d', str(CACHE)], check=True)
+        with tarfile.open(CACHE / f'timm-{timm.__version__}.tar.gz') as tar:
+            tar.extractall(CACHE, members=[m for m in tar.getmembers() if '/tests/' in m.name], filter='data')
+    spec = importlib.util.spec_from_file_location('timm_test_models', src / 'tests' / 'test_models.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+T = _timm_test_models()
+SMALL = [n for n in models.list_variants() if '_tiny_' in n or '_small_' in n or 'XXS' in n]
+AT_224 = [n for n in SMALL if timm.get_pretrained_cfg_value(n, 'input_size')[-1] <= 320]
+
+
+@pytest.mark.parametrize('name', SMALL)
+def test_model_forward(name):
+    T.test_model_forward(name, 1)
+
+
+@pytest.mark.parametrize('name', AT_224)
+def test_model_backward(name):
+    T.test_model_backward(name, 2)
+
+
+@pytest.mark.parametrize('name', AT_224)
+def test_model_default_cfgs_non_std(name):
+    T.test_model_default_cfgs_non_std(name, 1, 'meta')
+
+
+@pytest.mark.parametrize('name', AT_224)
+def test_model_forward_torchscript(name):
+    T.test_model_forward_torchscript(name, 1)
+
+
+@pytest.mark.parametrize('name', AT_224)
+def test_model_forward_intermediates(name):
+    T.test_model_forward_intermediates(name, 1)
+
+
+@pytest.mark.parametrize('name', AT_224)
+def test_model_forward_intermediates_features(name):
+    T.test_model_forward_intermediates_features(name, 1)
