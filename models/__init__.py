@@ -2,4 +2,4 @@
 from . import cait, deit
 from .antioversmooth import attnscale, attnscale_fused, dc_hf_split, featscale, token_mean
 from .checkpoint import load_checkpoint, load_state_dict
-from .registry import create_model, list_variants
+from .registry import create_model, list_variants, parse_model_kwargs

@@ -1,4 +1,5 @@
 """Registering our variants in timm's model registry, and creating them with clear errors."""
+import ast
 import difflib
 import sys
 
@@ -53,3 +54,20 @@ def create_model(name: str, **kwargs):
         hint = f'; closest: {", ".join(close)}' if close else ''
         raise ValueError(f'unknown model {name!r}{hint} (python main.py --list-models prints them all)')
     return timm.create_model(name, **kwargs)
+
+
+def parse_model_kwargs(items) -> dict:
+    """`['patch_size=2', 'embed_dim=96', 'attn_scale=True']` -> keyword arguments for create_model.
+
+    Values are Python literals (ints, floats, booleans, tuples); anything else stays a string.
+    """
+    kwargs = {}
+    for item in items or ():
+        key, sep, value = item.partition('=')
+        if not sep or not key.isidentifier():
+            raise ValueError(f'--model-kwargs expects key=value pairs, got {item!r} (e.g. patch_size=2 embed_dim=96)')
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return kwargs
