@@ -1,0 +1,157 @@
+"""main.py end to end on a generated ImageFolder: 2-process gloo runs, resume, eval, fine-tune, logs."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import make_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ['--model-kwargs', 'depth=2', 'embed_dim=48', 'num_heads=2', 'patch_size=8']
+FAST = ['--input-size', '32', '--batch-size', '8', '--num_workers', '0', '--mixup', '0', '--cutmix', '0',
+        '--reprob', '0', '--aa', 'none', '--shift-aug', '0.1', '--eval-crop-ratio', '1.0', '--warmup-epochs', '1',
+        '--lr', '2e-3', '--unscale-lr', '--print-freq', '5', '--data-set', 'IMNET']
+
+
+def run(args, launcher='python', nproc=2, port=29610, env=None, check=True, timeout=240):
+    """Run main.py (plain, `torch.distributed.launch --use_env`, or torchrun) and return the process."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', **(env or {}))
+    if launcher == 'launch':
+        cmd = [sys.executable, '-m', 'torch.distributed.launch', f'--nproc_per_node={nproc}',
+               '--master_port', str(port), '--use_env', 'main.py']
+    elif launcher == 'torchrun':
+        cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
+               '--master_port', str(port), 'main.py']
+    else:
+        cmd = [sys.executable, 'main.py']
+    proc = subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+    return proc
+
+
+def log_epochs(out):
+    return [json.loads(line)['epoch'] for line in (Path(out) / 'log.txt').read_text().splitlines()]
+
+
+def eval_accuracy(stdout):
+    return float(re.findall(r'Accuracy of the network on the \d+ test images: ([\d.]+)%', stdout)[-1])
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp('data'), num_classes=4, train_per_class=12, val_per_class=5)
+
+
+@pytest.fixture(scope='module')
+def trained(data, tmp_path_factory):
+    """Two epochs with `torch.distributed.launch --use_env`, then one more with --auto_reload."""
+    out = tmp_path_factory.mktemp('run')
+    common = ['--model', 'attnscale_tiny_12', *TINY, *FAST, '--data-path', data, '--output_dir', out]
+    first = run(common + ['--epochs', '2', '--auto_reload'], launcher='launch', port=29611)
+    again = run(common + ['--epochs', '3', '--auto_reload'], launcher='launch', port=29612)
+    return out, first, again
+
+
+def test_launch_training_writes_logs_and_checkpoints(trained):
+    out, first, _ = trained
+    assert 'number of params:' in first.stdout and 'number of GFLOPs:' in first.stdout
+    assert re.search(r'Epoch: \[1\] \[\s*0/\d+\]  eta: \d+:\d\d:\d\d', first.stdout)
+    ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
+    assert set(ckpt) == {'model', 'optimizer', 'lr_scheduler', 'epoch', 'model_ema', 'scaler', 'max_accuracy', 'args'}
+    assert isinstance(ckpt['args'], dict) and ckpt['args']['model'] == 'attnscale_tiny_12'
+    assert (out / 'best_checkpoint.pth').exists() and (out / 'checkpoint.prev.pth').exists()
+    entry = json.loads((out / 'log.txt').read_text().splitlines()[0])
+    assert {'train_loss', 'train_lr', 'test_acc1', 'test_acc5', 'test_loss', 'epoch', 'n_parameters'} <= set(entry)
+
+
+def test_auto_reload_continues_at_the_next_epoch(trained):
+    out, _, again = trained
+    assert 'training continues at epoch 2' in again.stdout
+    assert 'Epoch: [0]' not in again.stdout and 'Epoch: [2]' in again.stdout
+    assert log_epochs(out) == [0, 1, 2]
+    assert torch.load(out / 'checkpoint.pth', weights_only=True)['epoch'] == 2
+
+
+def test_lr_schedule_matches_the_official_stepping(trained):
+    """Epoch e trains at lr(e-1): epochs 0 and 1 both at the warmup LR, and resuming changes nothing."""
+    out, _, _ = trained
+    lrs = [json.loads(line)['train_lr'] for line in (out / 'log.txt').read_text().splitlines()]
+    assert lrs[0] == lrs[1] == pytest.approx(1e-6)
+    assert lrs[2] > 1e-4  # the cosine phase starts only at epoch 2
+
+
+def test_eval_resume_reproduces_the_last_test_accuracy(trained, data):
+    out, _, _ = trained
+    last = json.loads((out / 'log.txt').read_text().splitlines()[-1])
+    proc = run(['--model', 'attnscale_tiny_12', *TINY, *FAST, '--data-path', data, '--eval',
+                '--resume', out / 'checkpoint.pth'], launcher='launch', port=29613)
+    assert eval_accuracy(proc.stdout) == pytest.approx(last['test_acc1'], abs=0.05)
+    assert 'Accuracy of the network on the 20 test images' in proc.stdout
+
+
+def test_tensorboard_holds_the_expected_tags(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out, _, _ = trained
+    acc = EventAccumulator(str(out))
+    acc.Reload()
+    tags = set(acc.Tags()['scalars'])
+    assert {'train/loss', 'train/lr', 'test/acc1', 'test/acc5', 'test/loss',
+            'lambda/attnscale/block0', 'lambda/attnscale/block1'} <= tags
+    assert [e.step for e in acc.Scalars('test/acc1')][-3:] == [0, 1, 2]
+
+
+def test_torchrun_and_single_process(data, tmp_path):
+    for launcher, nproc in (('torchrun', 2), ('python', 1)):
+        out = tmp_path / launcher
+        proc = run(['--model', 'featscale_tiny_12', *TINY, *FAST, '--data-path', data, '--output_dir', out,
+                    '--epochs', '1', '--no-model-ema', '--no-log-tensorboard'], launcher=launcher, nproc=nproc,
+                   port=29614)
+        assert log_epochs(out) == [0]
+        assert not list(out.glob('events.out.tfevents.*'))
+        assert ('distributed init (rank 0/2' in proc.stdout) == (nproc == 2)
+
+
+def test_launch_without_use_env_passes_local_rank(data, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2',
+                           '--master_port', '29615', 'main.py', '--model', 'deit_tiny_12', *TINY, *FAST,
+                           '--data-path', str(data), '--eval'], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'Accuracy of the network on the 20 test images' in proc.stdout
+
+
+@pytest.mark.parametrize('variant', ['attnscale_cait_XXS24_224', 'featscale_cait_XXS24_224'])
+def test_cait_finetune_from_a_module_prefixed_baseline(data, tmp_path, variant):
+    import timm
+    import models  # noqa: F401  (registers the variants)
+    kwargs = dict(depth=2, img_size=32, patch_size=8, num_classes=4)
+    baseline = timm.create_model('cait_XXS24_224', **kwargs)
+    path = tmp_path / 'cait_baseline.pth'
+    torch.save({'model': {f'module.{k}': v for k, v in baseline.state_dict().items()}}, path)
+    cait = ['--model-kwargs', 'depth=2', 'patch_size=8', *FAST, '--data-path', data]
+    base = run(['--model', 'cait_XXS24_224', *cait, '--eval', '--resume', path], port=29616)
+    tuned = run(['--model', variant, *cait, '--eval', '--resume', path], port=29616)
+    assert 'add-on parameters start at zero' in tuned.stdout
+    losses = [re.findall(r'\* Acc@1 ([\d.]+) Acc@5 [\d.]+ loss ([\d.]+)', p.stdout)[-1] for p in (base, tuned)]
+    assert losses[0] == losses[1]  # before any step, the add-on model computes the baseline
+    out = tmp_path / 'ft'
+    run(['--model', variant, *cait, '--epochs', '1', '--output_dir', out, '--resume', path, '--auto_reload'],
+        launcher='launch', port=29617)
+    assert log_epochs(out) == [0]
+    state = torch.load(out / 'checkpoint.pth', weights_only=True)['model']
+    assert any(k.endswith('lamb') or k.endswith('lamb1') for k in state)
+
+
+def test_nan_loss_stops_with_a_clear_message(data, tmp_path):
+    proc = run(['--model', 'deit_tiny_12', *TINY, *FAST, '--data-path', data, '--output_dir', tmp_path,
+                '--epochs', '1', '--lr', '1e30', '--warmup-epochs', '0'], launcher='launch', port=29618, check=False)
+    assert proc.returncode != 0
+    assert re.search(r'error: loss is (nan|inf) at epoch 0; lower --lr', proc.stderr)
