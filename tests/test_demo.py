@@ -1,0 +1,29 @@
+"""The README's first command, shortened: digits export, 2-process training, --eval --resume, the table."""
+import os
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_trains_evaluates_and_is_idempotent(tmp_path):
+    env = dict(os.environ, SKIP_SETUP='1', EPOCHS='1', MODELS='deit_tiny_12 attnscale_tiny_12', OUT=str(tmp_path / 'out'),
+               DATA=str(tmp_path / 'digits'), MASTER_PORT='29770', OMP_NUM_THREADS='1')
+    first = subprocess.run(['bash', 'scripts/demo.sh'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = re.findall(r'^(\w+)\s+(\d+)\s+([\d.]+)%\s+([\d.]+)$', first.stdout, re.M)
+    assert [r[0] for r in rows] == ['deit_tiny_12', 'attnscale_tiny_12']
+    assert int(rows[1][1]) - int(rows[0][1]) == 12 * 3  # AttnScale adds one lambda per head per layer
+    assert all(0. <= float(r[2]) <= 100. for r in rows)
+    for model in ('deit_tiny_12', 'attnscale_tiny_12'):
+        run = tmp_path / 'out' / model
+        assert (run / 'checkpoint.pth').exists() and len((run / 'log.txt').read_text().splitlines()) == 1
+        assert 'Accuracy of the network on the 360 test images' in (run / 'eval.out').read_text()
+    assert sum(1 for _ in (tmp_path / 'digits' / 'train').rglob('*.png')) == 1437
+
+    again = subprocess.run(['bash', 'scripts/demo.sh'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert 'nothing rewritten' in again.stdout
+    assert 'Epoch: [' not in (tmp_path / 'out' / 'deit_tiny_12' / 'train.out').read_text()
+    assert re.findall(r'^(\w+)\s+\d+\s+([\d.]+)%', again.stdout, re.M) == [(r[0], r[2]) for r in rows]
