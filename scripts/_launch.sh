@@ -5,7 +5,7 @@
 #
 # Settings come from positional arguments first, then the environment:
 #   DATA_PATH    ImageNet folder with train/ and val/ (required; scripts/prepare_imagenet.py makes it)
-#   CKPT         checkpoint file or http(s) URL (fine-tune and eval scripts)
+#   CKPT         checkpoint file (fine-tune and eval scripts); never downloaded, fetch it first
 #   NPROC        processes (GPUs) on this machine, default 2 as in the paper
 #   MASTER_PORT  rendezvous port, default DEFAULT_PORT (one per script, so runs can share a host)
 #   OUTPUT_DIR   where main.py writes logs and checkpoints, default ./logs/<RUN>_<MODEL> in the repo
@@ -60,13 +60,10 @@ parse_args() {
   fi
 }
 
-require_checkpoint() {  # CKPT must be an existing file or a URL
+require_checkpoint() {  # CKPT must be an existing file (checkpoints are never downloaded at run time)
   [[ -n "${CKPT:-}" ]] || fail "no checkpoint given"
-  case "$CKPT" in
-    http://*|https://*) ;;
-    *) [[ -f "$CKPT" ]] || fail "checkpoint '$CKPT' is not a file"
-       CKPT="$(cd "$(dirname "$CKPT")" && pwd)/$(basename "$CKPT")" ;;
-  esac
+  [[ -f "$CKPT" ]] || fail "checkpoint '$CKPT' is not a file (download it first; see README)"
+  CKPT="$(cd "$(dirname "$CKPT")" && pwd)/$(basename "$CKPT")"
 }
 
 launch() {  # print, then run (unless --dry-run), the distributed launch of `main.py "$@"`
