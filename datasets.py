@@ -9,7 +9,7 @@ Supported `--data-set` values:
 
 Every bad input raises `DatasetError`, a one-line message that names the problem and the fix. An unreadable image
 file raises it too, unless `--skip-bad-images` is set: then the next readable sample is returned instead, a warning
-names the file once, and `dataset.num_skipped` counts the distinct files skipped by this process.
+names the file once, and `dataset.num_skipped` counts the distinct files skipped (DataLoader workers included).
 
 Importing this module also guards timm's RandAugment Posterize op against Pillow >= 13 (see `_guard_posterize`).
 """
@@ -94,9 +94,8 @@ class ImageListDataset(torch.utils.data.Dataset):
     """Images given as `(path, class index)` pairs, decoded as RGB and transformed.
 
     An unreadable file raises DatasetError, or with `skip_bad_images` is replaced by the next readable sample
-    (wrapping around). `num_skipped` is the number of distinct files this process has skipped; each DataLoader
-    worker holds its own copy of the dataset, so with `num_workers > 0` the count lives in the workers and the
-    logged warning (one per file and process) is the record to read.
+    (wrapping around). `num_skipped` is the number of distinct files skipped so far. The record is a tensor in
+    shared memory, so what DataLoader workers skip (in their copies of the dataset) is counted too.
     """
 
     def __init__(self, root: str, samples: list, classes: list, transform=None, skip_bad_images: bool = False):
@@ -107,33 +106,39 @@ class ImageListDataset(torch.utils.data.Dataset):
         self.class_to_idx = {name: i for i, name in enumerate(classes)}
         self.transform = transform
         self.skip_bad_images = skip_bad_images
-        self.bad_files = set()
+        self._bad = torch.zeros(len(samples), dtype=torch.bool).share_memory_()  # seen by forked/spawned workers
+
+    @property
+    def bad_files(self) -> set:
+        """The unreadable files skipped so far (by this process and its DataLoader workers)."""
+        return {self.samples[i][0] for i in self._bad.nonzero().flatten().tolist()}
 
     @property
     def num_skipped(self) -> int:
-        """Distinct unreadable files skipped so far by this process."""
-        return len(self.bad_files)
+        """Distinct unreadable files skipped so far (by this process and its DataLoader workers)."""
+        return int(self._bad.sum())
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         for offset in range(len(self.samples)):
-            path, target = self.samples[(index + offset) % len(self.samples)]
-            if path in self.bad_files:
+            i = (index + offset) % len(self.samples)
+            path, target = self.samples[i]
+            if self._bad[i]:
                 continue
             try:
                 img = load_rgb(path)
             except DatasetError as err:
                 if not self.skip_bad_images:
                     raise
-                self.bad_files.add(path)
+                self._bad[i] = True
                 _logger.warning('--skip-bad-images: skipped unreadable image %s (%s)', path, err.__cause__)
                 continue
             if self.transform is not None:
                 img = self.transform(img)
             return img, target
-        raise DatasetError(f'no readable image left in {self.root} ({len(self.bad_files)} unreadable); '
+        raise DatasetError(f'no readable image left in {self.root} ({self.num_skipped} unreadable); '
                            f'fix: check the files under --data-path')
 
 
@@ -150,6 +155,8 @@ def _names(items, limit: int = 5) -> str:
 
 def check_data_path(data_path: str) -> None:
     """Fail clearly when `--data-path` does not exist or is not a directory."""
+    if not data_path:
+        raise DatasetError('--data-path is empty; fix: pass the folder that holds the dataset')
     if not os.path.exists(data_path):
         raise DatasetError(f'--data-path {data_path} does not exist; fix: pass the folder that holds the dataset')
     if not os.path.isdir(data_path):

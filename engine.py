@@ -37,14 +37,24 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     loss_scaler: Optional[torch.amp.GradScaler] = None, amp_dtype: torch.dtype = torch.float32,
                     max_norm: Optional[float] = None, model_ema=None, mixup_fn: Optional[Mixup] = None,
                     set_training_mode: bool = True, print_freq: int = 10, bce_loss: bool = False,
-                    should_stop=lambda: False):
-    """One pass over `data_loader`. Returns the epoch's averaged meters and whether it was cut short
-    by `should_stop()` (checked after each step: a preemption signal)."""
+                    should_stop=lambda: False, start_step: int = 0, initial_meters: Optional[dict] = None):
+    """One pass over `data_loader` (which starts at step `start_step` of the epoch when resuming mid-epoch).
+
+    `should_stop()` (a preemption signal agreed by all ranks) is checked after each step. Returns
+    `(stats, stopped_at, meter_totals)`: the meters averaged over ranks; the number of steps of the epoch done
+    (counting the `start_step` skipped ones) when `should_stop()` cut it short before its last step, else None;
+    and this rank's `{meter: [count, total]}` before they are summed over ranks, which a mid-epoch checkpoint
+    stores and the resumed epoch passes back as `initial_meters`, so that its averages cover the whole epoch
+    and are summed in the same order as in an uninterrupted epoch.
+    """
     model.train(set_training_mode)
     metric_logger = utils.MetricLogger(delimiter='  ')
     metric_logger.add_meter('lr', utils.SmoothedValue(window_size=1, fmt='{value:.6f}'))
-    interrupted = False
-    for samples, targets in metric_logger.log_every(data_loader, print_freq, f'Epoch: [{epoch}]'):
+    for name, (count, total) in (initial_meters or {}).items():
+        metric_logger.meters[name].count, metric_logger.meters[name].total = int(count), float(total)
+    num_steps = len(data_loader)
+    stopped_at = None
+    for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, f'Epoch: [{epoch}]')):
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
@@ -76,12 +86,13 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         if model_ema is not None:
             model_ema.update(model)
         metric_logger.update(loss=loss.item(), lr=optimizer.param_groups[0]['lr'])
-        if should_stop():
-            interrupted = True
+        if should_stop() and step < num_steps - 1:  # a stop after the last step is handled after the epoch
+            stopped_at = start_step + step + 1
             break
+    totals = {k: [meter.count, meter.total] for k, meter in metric_logger.meters.items()}
     metric_logger.synchronize_between_processes()
     utils.log('Averaged stats:', metric_logger)
-    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}, interrupted
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}, stopped_at, totals
 
 
 @torch.no_grad()

@@ -7,7 +7,9 @@ import argparse
 import datetime
 import json
 import os
+import random
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -25,9 +27,10 @@ from datasets import DatasetError, build_dataset
 from engine import NonFiniteLossError, evaluate, throughput, train_one_epoch
 from losses import DistillationLoss, build_criterion
 from models.checkpoint import ADDON_KEY, CheckpointError, load_checkpoint, load_state_dict, model_state
-from samplers import RASampler
+from samplers import RASampler, ResumableSampler
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM after a checkpoint; rerun with --auto_reload
+PEER_LOST_EXIT_CODE = 1  # a collective failed: another rank died, hung or was killed
 
 
 def get_args_parser():
@@ -153,17 +156,56 @@ def resolve_resume(args) -> str:
     predecessor if the latest is unreadable) wins over --resume, so an interrupted fine-tune continues."""
     if args.auto_reload and args.output_dir:
         latest = os.path.join(args.output_dir, 'checkpoint.pth')
-        for path in (latest, utils.previous_checkpoint(latest)):
+        previous = utils.previous_checkpoint(latest)
+        for path in (latest, previous):
             if os.path.exists(path):
                 try:
                     load_checkpoint(path, allow_unsafe=args.unsafe_load)
                 except CheckpointError as e:
-                    utils.log(f'warning: {e}; trying the previous checkpoint')
+                    if path == latest:
+                        utils.log(f'warning: cannot resume from the latest checkpoint: {e}; resuming from the '
+                                  f'previous checkpoint {previous} instead', file=sys.stderr)
                     continue
                 return path
         if os.path.exists(latest):
             utils.fail(f'{latest} and its .prev are unreadable; remove them to start over, or pass --resume')
     return args.resume
+
+
+def set_aside_unreadable_latest(args, resumed_from: str):
+    """After a fall-back to `checkpoint.prev.pth`, rename the unreadable `checkpoint.pth` to
+    `checkpoint.unreadable.pth` (main process): the next save would otherwise rotate it into `.prev` and drop
+    the good predecessor."""
+    if not (args.auto_reload and args.output_dir and utils.is_main_process()):
+        return
+    latest = os.path.join(args.output_dir, 'checkpoint.pth')
+    if resumed_from == utils.previous_checkpoint(latest) and os.path.exists(latest):
+        kept = os.path.join(args.output_dir, 'checkpoint.unreadable.pth')
+        os.replace(latest, kept)
+        utils.log(f'Moved the unreadable {latest} to {kept}')
+
+
+def mid_epoch_state(ckpt: dict, args, steps_per_epoch: int, path: str):
+    """`(resume_step, train_meters, rng_state)` of this rank from a mid-epoch checkpoint, `(0, None, None)` else.
+
+    The steps are skipped exactly when the run has the world size and batch size of the saved one; otherwise
+    the same number of samples is skipped (an approximation of the rest of the epoch, announced).
+    """
+    step = int(ckpt.get('resume_step') or 0)
+    if not step:
+        return 0, None, None
+    saved = ckpt.get('args') or {}
+    old = (saved.get('world_size', args.world_size), saved.get('batch_size', args.batch_size))
+    rng, meters = ckpt.get('rng') or [], ckpt.get('train_meters') or []
+    if old != (args.world_size, args.batch_size):
+        new_step = step * old[0] * old[1] // (args.world_size * args.batch_size)
+        utils.log(f'warning: {path} was saved mid-epoch by {old[0]} processes with --batch-size {old[1]}; with '
+                  f'{args.world_size} x {args.batch_size} the epoch continues after {new_step} steps, which only '
+                  'approximates the rest of the interrupted epoch')
+        return min(new_step, steps_per_epoch - 1), None, None
+    rank = utils.get_rank()
+    return (min(step, steps_per_epoch - 1), meters[rank] if len(meters) == args.world_size else None,
+            rng[rank] if len(rng) == args.world_size else None)
 
 
 def interpolate_pos_embed(model, state: dict):
@@ -199,7 +241,49 @@ def addon_lambdas(model) -> dict:
     return out
 
 
+def seed_epoch(seed: int, rank: int, epoch: int, loader_generator: torch.Generator = None):
+    """Seed torch, numpy, python `random` and the training DataLoader's generator from (seed, rank, epoch).
+
+    Every epoch starts from these states whether the run was interrupted or not, so augmentation, mixup and
+    drop-path draws after an end-of-epoch resume are those of an uninterrupted run (with --num_workers 0; with
+    DataLoader workers, only the main process's draws are reseeded).
+    """
+    state = np.random.SeedSequence([seed, rank, epoch]).generate_state(2)
+    value = int(state[0]) << 32 | int(state[1])
+    torch.manual_seed(value)
+    np.random.seed(int(state[0]))
+    random.seed(value)
+    if loader_generator is not None:
+        loader_generator.manual_seed(value ^ 0x5DEECE66D)
+
+
 def main(args):
+    """Run training or evaluation; a collective that fails because another rank died or hung ends the process
+    with one line (the launcher names the rank that failed first) instead of a traceback on every rank."""
+    try:
+        run(args)
+    except RuntimeError as e:
+        if utils.is_dist_avail_and_initialized() and utils.is_comm_error(e):
+            utils.fail(utils.comm_error_message(e, args.dist_timeout), PEER_LOST_EXIT_CODE)
+        raise
+    except DatasetError as e:  # an unreadable image met during training or evaluation
+        utils.fail(one_line(e))
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of `exc` on one line. A DataLoader worker re-raises its exception with the worker's traceback
+    in the message; the meaningful part is its last line, without the exception's class name."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    last = lines[-1]
+    for prefix in (f'{type(exc).__module__}.{type(exc).__name__}: ', f'{type(exc).__name__}: '):
+        if last.startswith(prefix):
+            last = last[len(prefix):]
+    return last
+
+
+def run(args):
     utils.init_distributed_mode(args)
     if args.distillation_type != 'none' and args.finetune and not args.eval:
         utils.fail('fine-tuning with distillation is not supported; drop --distillation-type or --finetune')
@@ -237,6 +321,7 @@ def main(args):
     else:
         sampler_train = torch.utils.data.DistributedSampler(dataset_train, num_replicas=num_tasks, rank=rank,
                                                             shuffle=True, seed=args.seed)
+    sampler_train = ResumableSampler(sampler_train)  # can start an epoch after a mid-epoch checkpoint's steps
     if args.dist_eval and num_tasks > 1:
         if len(dataset_val) % num_tasks:
             utils.log('Warning: the validation set does not divide by the number of processes; distributed '
@@ -251,8 +336,12 @@ def main(args):
 
     loader_kwargs = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == 'cuda',
                          persistent_workers=args.num_workers > 0)
+    # its own generator: creating an epoch's iterator draws a seed from it, not from the global RNG that
+    # augmentation uses, so a mid-epoch resume continues the global RNG exactly
+    loader_generator = torch.Generator()
     data_loader_train = torch.utils.data.DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
-                                                    drop_last=True, **loader_kwargs)
+                                                    drop_last=True, generator=loader_generator, **loader_kwargs)
+    steps_per_epoch = len(data_loader_train)
     data_loader_val = torch.utils.data.DataLoader(dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size),
                                                   drop_last=False, **loader_kwargs)
 
@@ -306,6 +395,7 @@ def main(args):
                                  args.distillation_tau)
 
     max_accuracy = 0.0
+    resume_step, resume_meters, resume_rng = 0, None, None  # set by a mid-epoch (preemption) checkpoint
     resume = resolve_resume(args)
     if resume:
         try:
@@ -325,11 +415,15 @@ def main(args):
             if loss_scaler is not None and ckpt.get('scaler'):
                 loss_scaler.load_state_dict(ckpt['scaler'])
             max_accuracy = ckpt.get('max_accuracy', 0.0)
-            utils.log(f'Resumed from {resume} (epoch {ckpt["epoch"]}); training continues at epoch {args.start_epoch}')
+            resume_step, resume_meters, resume_rng = mid_epoch_state(ckpt, args, steps_per_epoch, resume)
+            where = f'step {resume_step}/{steps_per_epoch} of ' if resume_step else ''
+            utils.log(f'Resumed from {resume} (epoch {ckpt["epoch"]}); training continues at {where}epoch '
+                      f'{args.start_epoch}')
         else:
             utils.log(f'Loaded weights from {resume}')
         if model_ema is not None and (absent or 'model_ema' not in ckpt):
             model_ema.set(model_without_ddp)
+        set_aside_unreadable_latest(args, resume)
 
     if args.compile:
         model = torch.compile(model)
@@ -348,10 +442,13 @@ def main(args):
     tb_writer = None
     if args.output_dir and args.log_tensorboard and utils.is_main_process():
         from torch.utils.tensorboard import SummaryWriter
-        tb_writer = SummaryWriter(log_dir=args.output_dir)
+        # purge_step hides the events of epochs this run redoes (written before an interruption)
+        tb_writer = SummaryWriter(log_dir=args.output_dir, purge_step=args.start_epoch or None)
     log_path = os.path.join(args.output_dir, 'log.txt') if args.output_dir else ''
-    if log_path and utils.is_main_process():
-        utils.truncate_log(log_path, args.start_epoch)
+    log_truncated = False  # log lines of epochs >= start_epoch are dropped at the first append, not before:
+    #                        a run that fails early leaves log.txt as it was
+    for stale in utils.remove_stale_temp_files(args.output_dir):
+        utils.log(f'Removed {stale}, left by a checkpoint write that was interrupted')
 
     stop_requested = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
@@ -364,31 +461,48 @@ def main(args):
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
-    def checkpoint(epoch, path):
+    def checkpoint(epoch, path, **extra):
         utils.save_on_master({
             'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
             'lr_scheduler': lr_scheduler.state_dict(), 'epoch': epoch,
             'model_ema': model_ema.module.state_dict() if model_ema is not None else None,
             'scaler': loss_scaler.state_dict() if loss_scaler is not None else None,
-            'max_accuracy': max_accuracy, 'args': {k: v for k, v in vars(args).items()},
+            'max_accuracy': max_accuracy, 'args': {k: v for k, v in vars(args).items()}, **extra,
         }, path)
 
     utils.log(f'Start training for {args.epochs} epochs')
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
-        if hasattr(data_loader_train.sampler, 'set_epoch'):
-            data_loader_train.sampler.set_epoch(epoch)
+        skip = resume_step if epoch == args.start_epoch else 0
+        if skip and resume_rng is not None:
+            utils.set_rng_state(resume_rng, loader_generator)  # the states right after step `skip`
+        else:
+            seed_epoch(args.seed, rank, epoch, loader_generator)
+        data_loader_train.sampler.set_epoch(epoch, skip=skip * args.batch_size)
+        if skip:
+            utils.log(f'Epoch {epoch}: skipping the {skip} steps done before the interruption')
         try:
-            train_stats, interrupted = train_one_epoch(
+            train_stats, stopped_at, meter_totals = train_one_epoch(
                 model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler, amp_dtype,
                 args.clip_grad, model_ema, mixup_fn, set_training_mode=args.train_mode, print_freq=args.print_freq,
-                bce_loss=args.bce_loss, should_stop=should_stop)
+                bce_loss=args.bce_loss, should_stop=should_stop, start_step=skip,
+                initial_meters=resume_meters if skip else None)
         except NonFiniteLossError as e:
             utils.fail(str(e), code=3)
-        if interrupted:
-            utils.log(f'SIGTERM: stopping in epoch {epoch}; the last complete epoch is kept in the checkpoint. '
-                      'Rerun the same command with --auto_reload to continue.')
-            utils.fail(f'preempted (SIGTERM) during epoch {epoch}; resumable with --auto_reload', PREEMPTED_EXIT_CODE)
+        if stopped_at is not None:
+            if args.output_dir:  # the state after step `stopped_at`, as the last complete epoch plus those steps
+                latest = os.path.join(args.output_dir, 'checkpoint.pth')
+                checkpoint(epoch - 1, latest, resume_step=stopped_at,
+                           train_meters=utils.all_gather_object(meter_totals),  # per rank, like the RNG states
+                           rng=utils.all_gather_object(utils.rng_state(loader_generator)))
+                if args.distributed:
+                    torch.distributed.barrier()  # no rank exits (and gets the launcher to kill rank 0) mid-write
+                utils.log(f'SIGTERM: saved {latest} after step {stopped_at}/{steps_per_epoch} of epoch {epoch}. '
+                          'Rerun the same command with --auto_reload to continue from there.')
+                saved = f'; saved at step {stopped_at}/{steps_per_epoch}, resumable with --auto_reload'
+            else:
+                saved = '; nothing saved (no --output_dir)'
+            utils.fail(f'preempted (SIGTERM) during epoch {epoch}{saved}', PREEMPTED_EXIT_CODE, ignore_sigterm=True)
         lr_scheduler.step(epoch)
 
         test_stats = evaluate(data_loader_val, model, device, amp_dtype, args.print_freq)
@@ -397,10 +511,21 @@ def main(args):
         max_accuracy = max(max_accuracy, test_stats['acc1'])
         utils.log(f'Max accuracy: {max_accuracy:.2f}%')
 
+        rss = [round(r, 1) for r in utils.all_gather_object(utils.rss_mb())]
         log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
                      **{f'test_{k}': v for k, v in test_stats.items()},
-                     'epoch': epoch, 'n_parameters': n_parameters}
+                     'epoch': epoch, 'n_parameters': n_parameters, 'rss_mb': max(rss), 'rss_mb_ranks': rss}
+        if args.skip_bad_images:
+            mine = getattr(dataset_train, 'bad_files', set()) | getattr(dataset_val, 'bad_files', set())
+            skipped = sorted(set().union(*utils.all_gather_object(sorted(mine))))  # distinct files, all ranks
+            log_stats['skipped_images'] = len(skipped)
+            if skipped:
+                utils.log(f'--skip-bad-images: {len(skipped)} unreadable images skipped so far: '
+                          + ', '.join(skipped[:5]) + (f' (+{len(skipped) - 5} more)' if len(skipped) > 5 else ''))
         if args.output_dir and utils.is_main_process():
+            if not log_truncated:
+                utils.truncate_log(log_path, args.start_epoch)
+                log_truncated = True
             utils.append_log(log_path, log_stats)
             if tb_writer is not None:
                 for tag, value in (('train/loss', train_stats['loss']), ('train/lr', train_stats['lr']),
@@ -414,8 +539,9 @@ def main(args):
             checkpoint(epoch, os.path.join(args.output_dir, 'checkpoint.pth'))
             if improved:
                 checkpoint(epoch, os.path.join(args.output_dir, 'best_checkpoint.pth'))
-        if stop_requested:
-            utils.fail(f'preempted (SIGTERM) after epoch {epoch}; resumable with --auto_reload', PREEMPTED_EXIT_CODE)
+        if epoch + 1 < args.epochs and should_stop():  # agreed by all ranks, after rank 0 wrote the checkpoint
+            utils.fail(f'preempted (SIGTERM) after epoch {epoch}; resumable with --auto_reload', PREEMPTED_EXIT_CODE,
+                       ignore_sigterm=True)
 
     if tb_writer is not None:
         tb_writer.close()

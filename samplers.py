@@ -6,6 +6,7 @@ differently. An epoch still has about `len(dataset)` samples in all (DeiT's coun
 1 / `num_repeats` of the distinct images, each `num_repeats` times; `set_epoch` must be called every epoch, also
 in a single-process run, for the rest to come up.
 """
+import itertools
 import math
 
 import torch
@@ -82,3 +83,30 @@ class RASampler(Sampler):
 
     def __len__(self) -> int:
         return self.num_selected_samples
+
+
+class ResumableSampler(Sampler):
+    """Wraps a rank's sampler so that one epoch can start part-way, after a mid-epoch (preemption) checkpoint.
+
+    `set_epoch(epoch, skip=n)` passes the epoch on to the wrapped sampler (whose order depends only on its seed
+    and the epoch) and drops the first `n` indices of this rank's list in the next pass only; with
+    `DataLoader(drop_last=True)` and `n = steps_done * batch_size`, the remaining batches are exactly those an
+    uninterrupted epoch would still have produced. `set_epoch(epoch)` (skip 0) gives the whole epoch again.
+    """
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        if skip < 0:
+            raise ValueError(f'skip must be >= 0, got {skip}')
+        if hasattr(self.sampler, 'set_epoch'):
+            self.sampler.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.skip, 0)

@@ -3,12 +3,16 @@
 Printing happens on the main process only through `log()`; `builtins.print` is left alone.
 """
 import datetime
+import glob
 import json
 import os
+import random
+import signal
 import sys
 import time
 from collections import defaultdict, deque
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -98,6 +102,7 @@ class MetricLogger:
                 eta = datetime.timedelta(seconds=int(iter_time.global_avg * (n - i - 1)))
                 log(self.delimiter.join([f'{header} [{i:>{width}}/{n}]', f'eta: {eta}', str(self),
                                          f'time: {iter_time}', f'data: {data_time}']))
+            _fault_delay('ANTIOVERSMOOTH_STEP_DELAY')
             end = time.time()
         total = time.time() - start
         log(f'{header} Total time: {datetime.timedelta(seconds=int(total))} ({total / max(n, 1):.4f} s / it)')
@@ -129,11 +134,54 @@ def log(*args, force: bool = False, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def fail(message: str, code: int = 2):
-    """Exit with a one-line error (every rank prints it, prefixed with its rank when distributed)."""
+def fail(message: str, code: int = 2, ignore_sigterm: bool = False):
+    """Exit with a one-line error (every rank prints it, prefixed with its rank when distributed).
+
+    `ignore_sigterm` keeps a SIGTERM that arrives while the interpreter shuts down (torchrun sends one to the
+    other workers as soon as one exits) from turning the exit status into -15: Python restores the default
+    SIGTERM action during finalization unless the signal is ignored.
+    """
     prefix = f'[rank {get_rank()}] ' if is_dist_avail_and_initialized() else ''
     print(f'{prefix}error: {message}', file=sys.stderr, flush=True)
+    if ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(code)
+
+
+def _fault_delay(variable: str):
+    """Sleep for the seconds given in the environment variable `variable` (fault injection for the tests)."""
+    delay = float(os.environ.get(variable, '0') or 0)
+    if delay:
+        time.sleep(delay)
+
+
+def is_comm_error(exc: BaseException) -> bool:
+    """Whether `exc` comes from a collective whose peer died, hung past --dist-timeout or closed its socket.
+
+    torch raises DistError subclasses for some of these; gloo and NCCL failures inside DDP's backward still
+    arrive as plain RuntimeErrors, recognised by their message.
+    """
+    if isinstance(exc, getattr(dist, 'DistError', ())):
+        return True
+    text = str(exc)
+    if 'DataLoader' in text:  # e.g. 'DataLoader timed out', 'DataLoader worker ... exited unexpectedly'
+        return False
+    return isinstance(exc, RuntimeError) and any(s in text for s in (
+        'gloo', 'Gloo', 'NCCL', 'Connection reset', 'Connection closed', 'Connection refused', 'Broken pipe',
+        'Timed out', 'timed out', 'ProcessGroup'))
+
+
+def comm_error_message(exc: BaseException, timeout_min: float) -> str:
+    """One line for a failed collective: what happened and what to do."""
+    text = ' '.join(str(exc).split())
+    first = text.split('. ')[0][:300]
+    if 'imed out' in text or 'imeout' in text:
+        cause = (f'another process did not answer within --dist-timeout {timeout_min:g} min (hung or stopped); '
+                 'raise --dist-timeout if a slow step (e.g. a large checkpoint write) is expected')
+    else:
+        cause = 'lost the connection to another process (it died or was killed; the launcher reports which rank)'
+    return (f'a collective operation failed: {cause} [{first}]; rerun with --auto_reload to continue from the '
+            'last checkpoint')
 
 
 def init_distributed_mode(args):
@@ -155,13 +203,51 @@ def init_distributed_mode(args):
         args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, 0
         return
     args.distributed = True
+    _stop_with_launcher()
     use_cuda = args.device.startswith('cuda')
     if use_cuda:
         torch.cuda.set_device(args.gpu)
     backend = 'nccl' if use_cuda else 'gloo'
-    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank,
-                            timeout=datetime.timedelta(minutes=args.dist_timeout))
+    try:
+        dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
+                                rank=args.rank, timeout=datetime.timedelta(minutes=args.dist_timeout))
+    except (RuntimeError, ValueError) as e:  # DistNetworkError/DistStoreError are RuntimeErrors
+        fail(_init_error_message(e, args))
     log(f'| distributed init (rank {args.rank}/{args.world_size}, backend {backend}): {args.dist_url}')
+
+
+def _stop_with_launcher():
+    """Under torchrun / torch.distributed.launch, have Linux send this worker SIGTERM when the launcher dies.
+
+    The launcher starts each worker in a session of its own, so a launcher killed with SIGKILL (by hand, or by
+    the out-of-memory killer) would leave the workers training, and writing checkpoints, next to a rerun. With
+    this they stop like a preempted run: after the current step, with a checkpoint, exit status 75.
+    """
+    if not sys.platform.startswith('linux') or 'TORCHELASTIC_RUN_ID' not in os.environ:
+        return
+    try:
+        import ctypes
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _init_error_message(exc: BaseException, args) -> str:
+    """One line for a failed `init_process_group` (port in use, master unreachable, missing variables)."""
+    text = ' '.join(str(exc).split())
+    port = os.environ.get('MASTER_PORT', '?')
+    addr = os.environ.get('MASTER_ADDR', '?')
+    if 'EADDRINUSE' in text or 'address already in use' in text:
+        return (f'port {port} is in use on this machine (another run or program holds it); pass --master_port '
+                f'<free port> to the launcher (MASTER_PORT for a direct or SLURM launch)')
+    if 'MASTER_ADDR' in text or 'MASTER_PORT' in text or 'environment variable' in text:
+        return (f'cannot join the process group ({text[:200]}); set MASTER_ADDR and MASTER_PORT, or start main.py '
+                f'with torchrun / torch.distributed.launch --use_env')
+    if 'imed out' in text or 'imeout' in text:
+        return (f'timed out joining the process group at {addr}:{port} (rank {args.rank} of {args.world_size}); '
+                'check that every process was started and that MASTER_ADDR/MASTER_PORT agree, or raise --dist-timeout')
+    return f'cannot join the process group at {addr}:{port} ({text[:300]})'
 
 
 def save_on_master(obj, path: str):
@@ -181,6 +267,25 @@ def save_on_master(obj, path: str):
         os.replace(path, previous_checkpoint(path))
     os.replace(tmp, path)
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def remove_stale_temp_files(directory: str) -> list:
+    """Delete `*.pth.tmp.<pid>` files left by a save that was killed before its rename (main process only).
+
+    They are never read (the rename is what publishes a checkpoint); deleting them frees the disk space.
+    """
+    if not is_main_process() or not directory or not os.path.isdir(directory):
+        return []
+    removed = []
+    for tmp in glob.glob(os.path.join(glob.escape(directory), '*.pth.tmp.*')):
+        if tmp.endswith(f'.tmp.{os.getpid()}'):
+            continue
+        try:
+            os.remove(tmp)
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
 
 
 def previous_checkpoint(path: str) -> str:
@@ -214,3 +319,51 @@ def truncate_log(path: str, start_epoch: int):
     with open(tmp, 'w') as f:
         f.writelines(lines)
     os.replace(tmp, path)
+
+
+def rss_mb() -> float:
+    """Resident memory of this process in MiB (Linux /proc; the peak RSS elsewhere)."""
+    try:
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
+    except (OSError, ValueError, IndexError):
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2 ** 20 if sys.platform == 'darwin' else peak / 1024
+
+
+def all_gather_object(obj) -> list:
+    """`obj` of every rank, in rank order (a one-element list when not distributed)."""
+    if not is_dist_avail_and_initialized():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rng_state(loader_generator: torch.Generator = None) -> dict:
+    """This process's random number generator states, as plain tensors/lists (loadable with weights_only=True):
+    torch CPU, CUDA (all devices, when initialised), numpy's global RandomState, python's `random`, and the
+    training DataLoader's generator."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        'torch': torch.get_rng_state(),
+        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        'numpy': [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        'python': [version, list(internal), gauss_next],
+        'loader': loader_generator.get_state() if loader_generator is not None else None,
+    }
+
+
+def set_rng_state(state: dict, loader_generator: torch.Generator = None):
+    """Restore what `rng_state` returned."""
+    torch.set_rng_state(state['torch'])
+    if state.get('cuda') and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+    kind, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = state['python']
+    random.setstate((version, tuple(internal), gauss_next))
+    if loader_generator is not None and state.get('loader') is not None:
+        loader_generator.set_state(state['loader'])
