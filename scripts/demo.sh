@@ -11,7 +11,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 if [ "${SKIP_SETUP:-0}" != 1 ]; then . scripts/setup_env.sh; fi
 MODELS="${MODELS:-deit_tiny_12 attnscale_tiny_12}"
-EPOCHS="${EPOCHS:-80}"
+EPOCHS="${EPOCHS:-50}"
 NPROC="${NPROC:-2}"
 OUT="${OUT:-logs/demo}"
 DATA="${DATA:-data/digits}"
