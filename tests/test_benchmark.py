@@ -1,0 +1,122 @@
+"""benchmark.py end to end in tiny configurations: table layout and JSON fields, never timings."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import benchmark
+import models  # noqa: F401  (registers the model names)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ['--models', 'deit_tiny_12', 'attnscale_tiny_12', '--model-kwargs', 'depth=2', '--img-size', '32',
+        '--batch-size', '2', '--rounds', '2', '--warmup', '1', '--steps', '2', '--threads', '1']
+
+
+RUNS = {  # name: arguments; the three runs start together (a module fixture) to keep the suite fast
+    'memory': [*TINY, '--json', '{tmp}/memory.json'],
+    'no_memory': [*TINY, '--no-memory', '--reference', 'attnscale_tiny_12', '--dtype', 'float32', 'bfloat16',
+                  '--json', '{tmp}/no_memory.json'],
+    'data': ['--data', '--data-images', '3', '--data-passes', '1', '--target-imgs-per-s', '100', '400',
+             '--json', '{tmp}/data.json'],
+}
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    """{run name: (stdout, JSON payload)} of benchmark.py, each in a fresh interpreter, run concurrently."""
+    tmp = tmp_path_factory.mktemp('bench')
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    procs = {name: subprocess.Popen([sys.executable, str(ROOT / 'benchmark.py'), *(a.format(tmp=tmp) for a in args)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT), env=env)
+             for name, args in RUNS.items()}
+    results = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f'{name}: {stderr[-3000:]}'
+        results[name] = stdout, json.loads((tmp / f'{name}.json').read_text())
+    return results
+
+
+def table(stdout: str) -> tuple:
+    """(header cells, {model: row cells}) of the printed table."""
+    lines = [ln for ln in stdout.splitlines() if ' | ' in ln]
+    cells = [[c.strip() for c in ln.split(' | ')] for ln in lines]
+    return cells[0], {row[0].rstrip(' *'): row for row in cells[1:]}
+
+
+def test_models_with_memory(runs):
+    stdout, payload = runs['memory']
+    header, rows = table(stdout)
+    assert header == ['model', 'params (M)', 'train ms/step median (min-max)', 'train x', 'train x cpu',
+                      'infer img/s median (min-max)', 'infer x', 'infer x cpu', 'peak MB', 'mem x', 'tensor MB',
+                      'tensor x']
+    assert set(rows) == {'deit_tiny_12', 'attnscale_tiny_12'}
+    assert rows['deit_tiny_12'][0] == 'deit_tiny_12 *'  # the first model is the default reference
+    assert {rows['deit_tiny_12'][i] for i in (3, 4, 6, 7, 9, 11)} == {'1.000'}
+    assert 'batch 2, 32 px, 2 rounds x 2 steps' in stdout
+
+    assert set(payload) == {'config', 'environment', 'raw', 'summary'}
+    assert payload['config']['reference'] == 'deit_tiny_12'
+    assert {'torch', 'timm', 'threads', 'cpu_count', 'device'} <= set(payload['environment'])
+    for name in ('deit_tiny_12', 'attnscale_tiny_12'):
+        raw, summary = payload['raw'][name], payload['summary'][name]
+        for kind in ('train_s', 'infer_s', 'train_cpu_s', 'infer_cpu_s'):  # every sample kept: rounds x steps
+            assert len(raw[kind]) == 2 and all(len(r) == 2 for r in raw[kind])
+        assert raw['memory']['peak_mb'] >= raw['memory']['baseline_rss_mb'] > 0
+        assert raw['memory']['peak_mb'] > raw['memory']['tensor_peak_mb'] > 0  # RSS includes the interpreter
+        assert set(summary) == {'model', 'dtype', 'params', 'train_ms', 'train_ratio', 'train_cpu_ratio',
+                                'infer_imgs_per_s', 'infer_ratio', 'infer_cpu_ratio', 'peak_mb', 'peak_ratio',
+                                'tensor_peak_mb', 'tensor_peak_ratio'}
+        assert set(summary['train_ms']) == set(summary['infer_imgs_per_s']) == {'median', 'min', 'max'}
+    assert payload['summary']['deit_tiny_12']['train_ratio'] == 1.0
+    assert payload['summary']['attnscale_tiny_12']['params'] == payload['summary']['deit_tiny_12']['params'] + 2 * 3
+
+
+def test_models_without_memory_two_dtypes_other_reference(runs):
+    stdout, payload = runs['no_memory']
+    header, rows = table(stdout)
+    assert 'peak MB' not in header and len(header) == 8
+    assert set(rows) == {f'{m}@{d}' for m in ('deit_tiny_12', 'attnscale_tiny_12') for d in ('float32', 'bfloat16')}
+    assert rows['attnscale_tiny_12@float32'][0] == 'attnscale_tiny_12@float32 *'
+    assert 'dtype float32/bfloat16' in stdout
+    summary = payload['summary']
+    assert payload['config']['reference'] == 'attnscale_tiny_12@float32'
+    assert summary['attnscale_tiny_12@float32']['infer_ratio'] == 1.0
+    assert 'peak_mb' not in summary['deit_tiny_12@float32']
+    assert summary['deit_tiny_12@bfloat16']['dtype'] == 'bfloat16'
+
+
+def test_data_mode(runs):
+    stdout, payload = runs['data']
+    header, rows = table(stdout)
+    assert header == ['transform', 'img/s per worker median (min-max)', 'workers @ 100 img/s', 'workers @ 400 img/s']
+    assert set(rows) == {'train', 'eval'}
+    assert payload['config']['transform_args']['aa'] == 'rand-m9-mstd0.5-inc1'
+    for split in ('train', 'eval'):
+        s = payload['summary'][split]
+        assert len(payload['raw'][split]) == 1 and s['median'] > 0
+        assert s['workers_needed']['400.0'] >= s['workers_needed']['100.0'] >= 1
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--dtype', 'float16', '--device', 'cpu'], 'float16 needs CUDA'),
+    (['--models', 'deit_tiny_12', '--reference', 'deit_small_12', '--device', 'cpu'], 'not one of --models'),
+    (['--compile', '--warmup', '0', '--device', 'cpu'], '--warmup >= 1'),
+])
+def test_bad_options_fail_fast(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        benchmark.check_args(benchmark.get_args_parser().parse_args(argv))
+
+
+def test_tensor_peak_counts_live_storage():
+    with benchmark.TensorPeak() as tracker:
+        a, b = torch.empty(1000), torch.empty(1000)  # 4000 bytes each, alive together
+        del a, b
+        c = torch.empty(500)
+    assert tracker.peak == 8000 and tracker.live == 2000
+    del c
+    assert tracker.live == 0
