@@ -9,13 +9,18 @@ import torch.nn.functional as F
 
 import models
 
-MANIFESTS = sorted((Path(__file__).resolve().parents[2] / 'shared/reference/manifests').glob('*.json'))
+MANIFESTS_DIR = Path(__file__).resolve().parents[2] / 'shared/reference/manifests'
+MANIFESTS = sorted(MANIFESTS_DIR.glob('*.json'))
 BIG = ('base_24', 'cait_S36', 'cait_M36', 'cait_M48')  # built on the meta device (shapes only)
 
 
 def build(name, device='cpu', **kwargs):
     with torch.device(device):
         return timm.create_model(name, **kwargs)
+
+
+def test_reference_manifests_are_present():
+    assert len(MANIFESTS) == 44, f'expected the 44 official manifests under {MANIFESTS_DIR} (shared/ beside the checkout)'
 
 
 def test_registry_lists_every_variant():
