@@ -20,7 +20,7 @@ def build(name, device='cpu', **kwargs):
 
 
 def test_reference_manifests_are_present():
-    assert len(MANIFESTS) == 44, f'expected the 44 official manifests under {MANIFESTS_DIR} (shared/ beside the checkout)'
+    assert len(MANIFESTS) == 42, f'expected the 42 official manifests under {MANIFESTS_DIR} (shared/ beside the checkout)'
 
 
 def test_registry_lists_every_variant():
