@@ -6,19 +6,27 @@ Why this exists: AttnScale and FeatScale are sold as free add-ons, and the offic
 and against timm's models, on whatever machine it runs on, CPU or CUDA, without code changes.
 
 How it measures, and why:
-  * Every model lives in one process and is timed round-robin (`--rounds` rounds; each round visits every
-    model, starting one model further along than the previous round). A shared or thermally drifting machine
-    then slows every model alike, and ratios come from *paired* rounds: per round, model median / reference
-    median; the reported ratio is the median of those per-round ratios.
+  * Every model (in every `--dtype`) lives in one process and is timed round-robin (`--rounds` rounds; each
+    round visits every model, starting one model further along than the previous round). A shared or
+    thermally drifting machine then slows every model alike, and ratios come from *paired* rounds: per round,
+    model median / reference median; the reported ratio is the median of those per-round ratios.
+  * Each step is timed in wall seconds and, on CPU, in process CPU seconds ('x cpu' columns). On a CPU that
+    other jobs share, wall time mostly measures the other jobs; CPU time much less so, and with `--threads 1`
+    not at all by OpenMP threads spinning while a sibling thread waits for a core (with 2 threads on a busy
+    2-core machine a step took up to 7x its idle time). Use `--threads 1` for add-on ratios on a busy machine.
   * `--warmup` untimed steps per model before the first round (allocator, oneDNN / cuDNN kernel choice,
     and torch.compile compilation, which is timed separately as "compile s").
   * Peak memory is measured in a fresh child process per model (so no model sees another's allocations):
     on CPU the child's RSS high-water mark (`resource.getrusage(RUSAGE_SELF).ru_maxrss`, absolute, Python and
-    libraries included); on CUDA `torch.cuda.max_memory_allocated()` after a reset. The child builds the model
-    and runs `--memory-steps` training steps (the first one allocates the AdamW state).
+    libraries included; it moves by a few % between identical models with how the C allocator reuses memory)
+    and the exact peak of live tensor bytes ('tensor MB', see `TensorPeak`); on CUDA
+    `torch.cuda.max_memory_allocated()` after a reset. The child builds the model and runs `--memory-steps`
+    training steps (the first one allocates the AdamW state).
+  * `--json` gets every raw sample and the summary, rewritten after each round.
   * `--data` instead measures the input pipeline: images/s of one data-loader worker running DeiT's training
-    and evaluation transforms (JPEG decoding included) on generated ImageNet-sized JPEGs, and the number of
-    workers needed to feed a GPU at `--target-imgs-per-s`.
+    and evaluation transforms (JPEG decoding included; decoding alone for reference) on generated
+    ImageNet-sized JPEGs, and the number of workers (each on a core of its own) needed to feed a GPU at
+    `--target-imgs-per-s`.
 
 Examples:
   python benchmark.py --models deit_small_12 attnscale_small_12 featscale_small_12 deit_small_patch16_224 \\
@@ -319,11 +327,12 @@ def warm_up(entry: dict, args, device: torch.device) -> None:
                 entry['compile_infer_s'] = wall
 
 
-def run_rounds(entries: dict, args, device: torch.device) -> None:
+def run_rounds(entries: dict, args, device: torch.device, after_round=lambda rounds_done: None) -> None:
     """Round-robin timing: each round visits every row (rotated start), `--steps` timed steps of each kind.
 
     Samples go to entries[label]['train_s'][round] and ['infer_s'][round] (wall seconds per step), and to
-    'train_cpu_s' / 'infer_cpu_s' (process CPU seconds per step).
+    'train_cpu_s' / 'infer_cpu_s' (process CPU seconds per step). `after_round(rounds_done)` runs after each
+    round (the caller saves what it has, so a long run that is stopped still leaves its samples).
     """
     labels = list(entries)
     if not (args.train or args.infer):
@@ -344,6 +353,7 @@ def run_rounds(entries: dict, args, device: torch.device) -> None:
                 e['infer_s'].append([wall for wall, _ in samples])
                 e['infer_cpu_s'].append([cpu for _, cpu in samples])
         print(f'round {r + 1}/{args.rounds} done', file=sys.stderr, flush=True)
+        after_round(r + 1)
 
 
 def spread(values: list) -> dict:
@@ -482,8 +492,23 @@ def write_json(path: str, payload: dict) -> None:
     Path(path).write_text(json.dumps(payload, indent=2))
 
 
+def make_payload(entries: dict, memory: dict, args, env: dict, rounds_done: int) -> dict:
+    """The JSON document: configuration, environment, every raw sample, and the summary of the rounds done."""
+    raw = {label: dict(train_s=e['train_s'], infer_s=e['infer_s'], train_cpu_s=e['train_cpu_s'],
+                       infer_cpu_s=e['infer_cpu_s'], memory=memory.get(label),
+                       **{k: e[k] for k in ('compile_train_s', 'compile_infer_s') if k in e})
+           for label, e in entries.items()}
+    config = {k: v for k, v in vars(args).items() if k != 'memory_child'}
+    config['reference'] = reference_label(args)
+    return dict(config=config, environment=env, rounds_done=rounds_done, raw=raw,
+                summary=summarize(entries, memory, args))
+
+
 def benchmark_models(args) -> dict:
-    """Measure every model in --models and print the table; returns the JSON payload."""
+    """Measure every model in --models (in every --dtype) and print the table; returns the JSON payload.
+
+    With --json, the file is rewritten after each round, so an interrupted run keeps its samples.
+    """
     device = torch.device(args.device)
     env = environment(args, device)
     memory = {}
@@ -503,18 +528,16 @@ def benchmark_models(args) -> dict:
                               train_s=[], infer_s=[], train_cpu_s=[], infer_cpu_s=[])
     for entry in entries.values():
         warm_up(entry, args, device)
-    run_rounds(entries, args, device)
-    summary = summarize(entries, memory, args)
+
+    def save(rounds_done):
+        if args.json and rounds_done < args.rounds:
+            write_json(args.json, make_payload(entries, memory, args, env, rounds_done))
+    run_rounds(entries, args, device, after_round=save)
     env['load_average_end'] = load_average()
+    payload = make_payload(entries, memory, args, env, args.rounds if args.train or args.infer else 0)
     print(describe(args, env))
-    print(format_table(summary, args))
-    raw = {name: dict(train_s=e['train_s'], infer_s=e['infer_s'], train_cpu_s=e['train_cpu_s'],
-                      infer_cpu_s=e['infer_cpu_s'], memory=memory.get(name),
-                      **{k: e[k] for k in ('compile_train_s', 'compile_infer_s') if k in e})
-           for name, e in entries.items()}
-    config = {k: v for k, v in vars(args).items() if k != 'memory_child'}
-    config['reference'] = reference_label(args)
-    return dict(config=config, environment=env, raw=raw, summary=summary)
+    print(format_table(payload['summary'], args))
+    return payload
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -550,51 +573,59 @@ def write_jpegs(folder: Path, count: int, seed: int = 0) -> list:
     return paths
 
 
-def transform_rate(paths: list, transform, passes: int) -> list:
-    """Images/s of decode + `transform`, one pass over `paths` per sample, in this single process.
+def transform_rates(paths: list, transform) -> tuple:
+    """(images per wall second, images per CPU second) of decode + `transform` over `paths`, in this process.
 
-    One process with one torch thread is what a DataLoader worker is, so this is the per-worker rate.
+    One process with one torch thread is what a DataLoader worker is, so these are per-worker rates; the CPU
+    rate is what the worker reaches on a core of its own, whatever else the machine is running.
     """
     from datasets import load_rgb
-    rates = []
-    for _ in range(passes):
-        start = time.perf_counter()
-        for p in paths:
-            transform(load_rgb(str(p)))
-        rates.append(len(paths) / (time.perf_counter() - start))
-    return rates
+    wall, cpu = time.perf_counter(), time.process_time()
+    for p in paths:
+        transform(load_rgb(str(p)))
+    return len(paths) / (time.perf_counter() - wall), len(paths) / (time.process_time() - cpu)
 
 
 def benchmark_data(args) -> dict:
-    """Per-worker images/s of DeiT's train and eval transforms, and workers needed per target GPU rate."""
+    """Per-worker images/s of JPEG decoding alone and of DeiT's train and eval transforms (decoding included),
+    and the workers needed per GPU for each `--target-imgs-per-s` (from the per-CPU-second rate)."""
     from datasets import build_transform, load_rgb
     torch.set_num_threads(1)  # as inside a DataLoader worker
     data_args = deit_data_args(args.img_size)
-    transforms = {'train': build_transform(True, data_args), 'eval': build_transform(False, data_args)}
+    transforms = {'decode only': lambda img: img, 'train': build_transform(True, data_args),
+                  'eval': build_transform(False, data_args)}
+    raw = {split: dict(imgs_per_s=[], imgs_per_cpu_s=[]) for split in transforms}
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_jpegs(Path(tmp), args.data_images, args.seed)
         mean_kb = sum(p.stat().st_size for p in paths) / len(paths) / 1024
         for t in transforms.values():  # warm-up: first-call imports and caches
             t(load_rgb(str(paths[0])))
-        raw, summary = {}, {}
-        for _ in range(args.data_passes):  # interleave train and eval passes
+        for _ in range(args.data_passes):  # passes interleave the transforms
             for split, t in transforms.items():
-                raw.setdefault(split, []).extend(transform_rate(paths, t, 1))
+                per_wall, per_cpu = transform_rates(paths, t)
+                raw[split]['imgs_per_s'].append(per_wall)
+                raw[split]['imgs_per_cpu_s'].append(per_cpu)
+    summary = {}
     for split, rates in raw.items():
-        s = spread(rates)
-        s['workers_needed'] = {str(rate): math.ceil(rate / s['median']) for rate in args.target_imgs_per_s}
-        summary[split] = s
-    print(f'input pipeline: {args.data_images} generated JPEGs (mean {mean_kb:.0f} KB, ~500x375), '
-          f'{args.img_size} px, {args.data_passes} passes, 1 torch thread per worker, {os.cpu_count()} CPUs here')
-    header = ['transform', 'img/s per worker median (min-max)']
-    header += [f'workers @ {r:g} img/s' for r in args.target_imgs_per_s]
-    rows = [[split, f'{s["median"]:.1f} ({s["min"]:.1f}-{s["max"]:.1f})']
-            + [str(s['workers_needed'][str(r)]) for r in args.target_imgs_per_s] for split, s in summary.items()]
+        cpu_rate = statistics.median(rates['imgs_per_cpu_s'])
+        summary[split] = dict(imgs_per_s=spread(rates['imgs_per_s']), imgs_per_cpu_s=spread(rates['imgs_per_cpu_s']),
+                              workers_needed={str(t): math.ceil(t / cpu_rate) for t in args.target_imgs_per_s})
+    env = environment(args, torch.device('cpu'))
+    load = f', load average {env["load_average_start"][0]:.1f}' if env['load_average_start'] else ''
+    print(f'input pipeline: {args.data_images} generated JPEGs (mean {mean_kb:.0f} KB, ~500x375) -> '
+          f'{args.img_size} px, {args.data_passes} passes, 1 thread per worker; {os.cpu_count()} CPUs here{load}')
+    header = ['transform', 'img/s per worker median (min-max)', 'img/s per CPU-s']
+    header += [f'workers @ {t:g} img/s' for t in args.target_imgs_per_s]
+    rows = []
+    for split, s in summary.items():
+        wall = s['imgs_per_s']
+        rows.append([split, f'{wall["median"]:.1f} ({wall["min"]:.1f}-{wall["max"]:.1f})',
+                     f'{s["imgs_per_cpu_s"]["median"]:.1f}'] + [str(s['workers_needed'][str(t)])
+                                                               for t in args.target_imgs_per_s])
     print(render_table(header, rows))
     config = dict(mode='data', img_size=args.img_size, data_images=args.data_images, passes=args.data_passes,
-                  target_imgs_per_s=args.target_imgs_per_s, mean_jpeg_kb=mean_kb,
-                  transform_args=vars(data_args))
-    return dict(config=config, environment=environment(args, torch.device('cpu')), raw=raw, summary=summary)
+                  target_imgs_per_s=args.target_imgs_per_s, mean_jpeg_kb=mean_kb, transform_args=vars(data_args))
+    return dict(config=config, environment=env, raw=raw, summary=summary)
 
 
 def main(argv=None) -> int:

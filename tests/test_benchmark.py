@@ -59,7 +59,8 @@ def test_models_with_memory(runs):
     assert {rows['deit_tiny_12'][i] for i in (3, 4, 6, 7, 9, 11)} == {'1.000'}
     assert 'batch 2, 32 px, 2 rounds x 2 steps' in stdout
 
-    assert set(payload) == {'config', 'environment', 'raw', 'summary'}
+    assert set(payload) == {'config', 'environment', 'rounds_done', 'raw', 'summary'}
+    assert payload['rounds_done'] == 2
     assert payload['config']['reference'] == 'deit_tiny_12'
     assert {'torch', 'timm', 'threads', 'cpu_count', 'device'} <= set(payload['environment'])
     for name in ('deit_tiny_12', 'attnscale_tiny_12'):
@@ -93,12 +94,14 @@ def test_models_without_memory_two_dtypes_other_reference(runs):
 def test_data_mode(runs):
     stdout, payload = runs['data']
     header, rows = table(stdout)
-    assert header == ['transform', 'img/s per worker median (min-max)', 'workers @ 100 img/s', 'workers @ 400 img/s']
-    assert set(rows) == {'train', 'eval'}
+    assert header == ['transform', 'img/s per worker median (min-max)', 'img/s per CPU-s', 'workers @ 100 img/s',
+                      'workers @ 400 img/s']
+    assert set(rows) == {'decode only', 'train', 'eval'}
     assert payload['config']['transform_args']['aa'] == 'rand-m9-mstd0.5-inc1'
-    for split in ('train', 'eval'):
+    for split in ('decode only', 'train', 'eval'):
         s = payload['summary'][split]
-        assert len(payload['raw'][split]) == 1 and s['median'] > 0
+        assert len(payload['raw'][split]['imgs_per_s']) == len(payload['raw'][split]['imgs_per_cpu_s']) == 1
+        assert s['imgs_per_s']['median'] > 0 and s['imgs_per_cpu_s']['median'] > 0
         assert s['workers_needed']['400.0'] >= s['workers_needed']['100.0'] >= 1
 
 
