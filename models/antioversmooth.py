@@ -17,8 +17,9 @@ FeatScale, per block and channel, on the attention branch output y (B, N, C):
 where s = 1 in the paper and CaiT, and s = 2 in the released DeiT models (their code adds the
 scaled terms twice; the checkpoints were trained that way, so we keep it).
 
-Every function below is written so that zero gains reproduce the input bit for bit and the
-backward pass saves no N x N or (B, N, C) tensor beyond what the layer already holds.
+Every function below is written so that zero gains reproduce the input bit for bit, no N x N
+constant is built, and the backward pass saves no N x N tensor: each add-on keeps one (B, N, C)
+tensor per block for the gradient of its gain (the rescaled attention output, resp. y).
 """
 import torch
 
@@ -48,17 +49,18 @@ def attnscale_fused(out: torch.Tensor, v: torch.Tensor, lamb: torch.Tensor) -> t
     """AttnScale applied after attention: A'v = (1 + lamb) (A v) - lamb DC[v].
 
     out = A v (B, H, N, d) from a fused kernel, v (B, H, N, d). Exact, since A_dc v is DC[v] in
-    every row; valid whenever no dropout is applied to A.
+    every row; valid whenever no dropout is applied to A. One addcmul: a single pass over A v,
+    whose memory layout it keeps (so the heads merge back into (B, N, C) without a copy).
     """
     lamb = lamb.to(out.dtype).view(-1, 1, 1)
-    return out * (1. + lamb) - lamb * token_mean(v)
+    return torch.addcmul(-lamb * token_mean(v), out, 1. + lamb)
 
 
 def featscale(y: torch.Tensor, lamb1: torch.Tensor, lamb2: torch.Tensor, repeat: float = 1.) -> torch.Tensor:
     """FeatScale on y (B, N, C) with per-channel gains lamb1 (DC) and lamb2 (HF), each (C,).
 
     y + s (lamb1 DC[y] + lamb2 HF[y]) = (1 + s lamb2) y + s (lamb1 - lamb2) DC[y]: one expression
-    of y and its token mean, so backward keeps only y (already saved upstream) and DC[y].
+    of y and its token mean, so backward keeps only y and DC[y] (no HF[y] or other temporaries).
     """
     lamb1, lamb2 = lamb1.to(y.dtype), lamb2.to(y.dtype)
     return y * (1. + repeat * lamb2) + (repeat * (lamb1 - lamb2)) * token_mean(y)
