@@ -6,10 +6,10 @@ Why this exists: AttnScale and FeatScale are sold as free add-ons, and the offic
 and against timm's models, on whatever machine it runs on, CPU or CUDA, without code changes.
 
 How it measures, and why:
-  * Every model (in every `--dtype`) lives in one process and is timed round-robin (`--rounds` rounds; each
-    round visits every model, starting one model further along than the previous round). A shared or
-    thermally drifting machine then slows every model alike, and ratios come from *paired* rounds: per round,
-    model median / reference median; the reported ratio is the median of those per-round ratios.
+  * Every model (in every `--dtype` and `--attn-path`) lives in one process and is timed round-robin
+    (`--rounds` rounds; each round visits every model, starting one model further along than the previous
+    round). A shared or thermally drifting machine then slows every model alike, and ratios come from *paired*
+    rounds: per round, model median / reference median; the reported ratio is the median of those ratios.
   * Each step is timed in wall seconds and, on CPU, in process CPU seconds ('x cpu' columns). On a CPU that
     other jobs share, wall time mostly measures the other jobs; CPU time much less so, and with `--threads 1`
     not at all by OpenMP threads spinning while a sibling thread waits for a core (with 2 threads on a busy
@@ -32,6 +32,7 @@ Examples:
   python benchmark.py --models deit_small_12 attnscale_small_12 featscale_small_12 deit_small_patch16_224 \\
       --threads 2 --rounds 5 --steps 3 --json bench.json
   python benchmark.py --models deit_tiny_12 attnscale_tiny_12 --dtype float32 bfloat16 --no-memory
+  python benchmark.py --models deit_small_12 attnscale_small_12 --attn-path fused explicit
   python benchmark.py --data --target-imgs-per-s 1000 2500
 """
 import argparse
@@ -80,6 +81,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--dtype', nargs='+', default=['float32'], choices=list(DTYPES),
                    help='autocast dtype (float32: none; float16 needs CUDA and uses a GradScaler); several: every '
                         'model in each, interleaved, rows labelled MODEL@DTYPE')
+    p.add_argument('--attn-path', nargs='+', default=['fused'], choices=['fused', 'explicit'],
+                   help='attention path of every module with a `fused_attn` switch: fused (one SDPA kernel; '
+                        'AttnScale as the token-mean correction) or explicit (the N x N matrix is formed); '
+                        'several: every model on each, rows labelled MODEL@PATH')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--threads', type=int, default=None, help='torch intra-op threads (default: torch\'s choice)')
     p.add_argument('--compile', action='store_true', help='torch.compile every model (compile time is reported)')
@@ -120,8 +125,10 @@ def check_args(args) -> None:
         raise SystemExit('--dtype float16 needs CUDA; use bfloat16 or float32 on CPU')
     if args.reference is not None and args.reference not in args.models + list(variants(args)):
         raise SystemExit(f'--reference {args.reference} is not one of --models')
-    if len(set(args.models)) != len(args.models) or len(set(args.dtype)) != len(args.dtype):
-        raise SystemExit('--models or --dtype lists a value twice')
+    for option in ('models', 'dtype', 'attn_path'):
+        values = getattr(args, option)
+        if len(set(values)) != len(values):
+            raise SystemExit(f'--{option.replace("_", "-")} lists a value twice')
     if args.compile and args.warmup < 1:
         raise SystemExit('--compile needs --warmup >= 1 (the first step compiles)')
     if min(args.rounds, args.steps, args.batch_size) < 1:
@@ -129,21 +136,30 @@ def check_args(args) -> None:
 
 
 def variants(args) -> dict:
-    """{row label: (model name, dtype name)} for every model in every --dtype: labels are the model names,
-    or MODEL@DTYPE when several dtypes are measured."""
-    several = len(args.dtype) > 1
-    return {f'{name}@{dtype}' if several else name: (name, dtype) for dtype in args.dtype for name in args.models}
+    """{row label: (model name, dtype name, attention path)} for every model in every --dtype and --attn-path:
+    labels are the model names, with @DTYPE and @PATH appended for the axes that have several values."""
+    out = {}
+    for path in args.attn_path:
+        for dtype in args.dtype:
+            for name in args.models:
+                label = name + (f'@{dtype}' if len(args.dtype) > 1 else '') + (
+                    f'@{path}' if len(args.attn_path) > 1 else '')
+                out[label] = (name, dtype, path)
+    return out
 
 
 def reference_label(args) -> str:
-    """Row label of the reference: --reference (a model name, or MODEL@DTYPE), in the first dtype by default."""
+    """Row label of the reference: --reference (a model name, or a row label such as MODEL@DTYPE), in the
+    first dtype and attention path by default."""
     labels = variants(args)
     ref = args.reference or args.models[0]
-    return ref if ref in labels else next(label for label, (name, _) in labels.items() if name == ref)
+    return ref if ref in labels else next(label for label, (name, _, _) in labels.items() if name == ref)
 
 
-def build(name: str, args, device: torch.device, dtype: str):
+def build(name: str, args, device: torch.device, dtype: str, attn_path: str = 'fused'):
     """Model `name` on `device` in train mode, its AdamW optimizer, and its GradScaler (float16 only).
+
+    `attn_path` sets `fused_attn` on every module that has one (timm's attentions and ours).
 
     AdamW with DeiT's defaults (lr 5e-4, weight decay 0.05): its step is part of the training step we time.
     """
@@ -156,6 +172,9 @@ def build(name: str, args, device: torch.device, dtype: str):
             raise
         model = models.create_model(name, **{k: v for k, v in kwargs.items() if k != 'img_size'})
     model = model.to(device).train()
+    for module in model.modules():
+        if hasattr(module, 'fused_attn'):
+            module.fused_attn = attn_path == 'fused'
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
     scaler = torch.amp.GradScaler(device.type) if dtype == 'float16' else None
     return model, optimizer, scaler
@@ -269,15 +288,16 @@ def memory_child(args) -> dict:
     baseline = max_rss_mb()
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
-    dtype = args.dtype[0]
-    model, optimizer, scaler = build(args.memory_child, args, device, dtype)
+    dtype, attn_path = args.dtype[0], args.attn_path[0]
+    model, optimizer, scaler = build(args.memory_child, args, device, dtype, attn_path)
     x, y = make_batch(args, device)
     if args.compile:
         model = torch.compile(model)
     for _ in range(args.memory_steps):
         train_step(model, optimizer, scaler, x, y, device, DTYPES[dtype])
     sync(device)
-    result = dict(model=args.memory_child, dtype=dtype, device=device.type, baseline_rss_mb=baseline,
+    result = dict(model=args.memory_child, dtype=dtype, attn_path=attn_path, device=device.type,
+                  baseline_rss_mb=baseline,
                   max_rss_mb=max_rss_mb())
     if device.type == 'cuda':
         result['cuda_max_allocated_mb'] = torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -292,10 +312,11 @@ def memory_child(args) -> dict:
     return result
 
 
-def measure_memory(name: str, dtype: str, args) -> dict:
-    """Run `memory_child` for model `name` in `dtype` in a fresh interpreter and return its report."""
+def measure_memory(name: str, dtype: str, attn_path: str, args) -> dict:
+    """Run `memory_child` for model `name` in `dtype` on `attn_path` in a fresh interpreter; returns its report."""
     cmd = [sys.executable, str(Path(__file__).resolve()), '--memory-child', name, '--device', args.device,
            '--batch-size', str(args.batch_size), '--img-size', str(args.img_size), '--dtype', dtype,
+           '--attn-path', attn_path,
            '--num-classes', str(args.num_classes), '--memory-steps', str(args.memory_steps),
            '--seed', str(args.seed), '--model-kwargs', *args.model_kwargs]
     if args.threads:
@@ -377,7 +398,7 @@ def summarize(entries: dict, memory: dict, args) -> dict:
     ref = reference_label(args)
     out = {}
     for name, e in entries.items():
-        s = dict(model=e['name'], dtype=e['dtype'], params=e['params'])
+        s = dict(model=e['name'], dtype=e['dtype'], attn_path=e['attn_path'], params=e['params'])
         if args.train:
             flat = [t for rnd in e['train_s'] for t in rnd]
             s['train_ms'] = {k: 1e3 * v for k, v in spread(flat).items()}
@@ -481,7 +502,8 @@ def describe(args, env: dict) -> str:
     gpu = f' ({env["gpu"]})' if 'gpu' in env else ''
     load = '->'.join(f'{v[0]:.1f}' for v in (env.get('load_average_start'), env.get('load_average_end')) if v)
     return (f'device {env["device"]}{gpu}, torch {env["torch"]}, {env["threads"]} threads of {env["cpu_count"]} '
-            f'CPUs{", load average " + load if load else ""}; dtype {"/".join(args.dtype)}, batch {args.batch_size}, '
+            f'CPUs{", load average " + load if load else ""}; dtype {"/".join(args.dtype)}, '
+            f'{"/".join(args.attn_path)} attention, batch {args.batch_size}, '
             f'{args.img_size} px, {args.rounds} rounds x {args.steps} steps, warmup {args.warmup}'
             f'{", compiled" if args.compile else ""}; * = reference; ratios are paired per round (median)')
 
@@ -513,17 +535,17 @@ def benchmark_models(args) -> dict:
     env = environment(args, device)
     memory = {}
     if args.memory:  # before the timing, so children never compete with the timed steps for the CPU
-        for label, (name, dtype) in variants(args).items():
-            memory[label] = measure_memory(name, dtype, args)
+        for label, (name, dtype, path) in variants(args).items():
+            memory[label] = measure_memory(name, dtype, path, args)
             print(f'memory {label}: peak {memory[label]["peak_mb"]:.0f} MB', file=sys.stderr, flush=True)
     entries = {}
-    for label, (name, dtype) in variants(args).items():
+    for label, (name, dtype, path) in variants(args).items():
         torch.manual_seed(args.seed)
-        model, optimizer, scaler = build(name, args, device, dtype)
+        model, optimizer, scaler = build(name, args, device, dtype, path)
         params = sum(p.numel() for p in model.parameters())
         if args.compile:
             model = torch.compile(model)
-        entries[label] = dict(name=name, dtype=dtype, amp_dtype=DTYPES[dtype], model=model, optimizer=optimizer,
+        entries[label] = dict(name=name, dtype=dtype, attn_path=path, amp_dtype=DTYPES[dtype], model=model, optimizer=optimizer,
                               scaler=scaler, batch=make_batch(args, device), params=params,
                               train_s=[], infer_s=[], train_cpu_s=[], infer_cpu_s=[])
     for entry in entries.values():

@@ -69,7 +69,7 @@ def test_models_with_memory(runs):
             assert len(raw[kind]) == 2 and all(len(r) == 2 for r in raw[kind])
         assert raw['memory']['peak_mb'] >= raw['memory']['baseline_rss_mb'] > 0
         assert raw['memory']['peak_mb'] > raw['memory']['tensor_peak_mb'] > 0  # RSS includes the interpreter
-        assert set(summary) == {'model', 'dtype', 'params', 'train_ms', 'train_ratio', 'train_cpu_ratio',
+        assert set(summary) == {'model', 'dtype', 'attn_path', 'params', 'train_ms', 'train_ratio', 'train_cpu_ratio',
                                 'infer_imgs_per_s', 'infer_ratio', 'infer_cpu_ratio', 'peak_mb', 'peak_ratio',
                                 'tensor_peak_mb', 'tensor_peak_ratio'}
         assert set(summary['train_ms']) == set(summary['infer_imgs_per_s']) == {'median', 'min', 'max'}
@@ -109,10 +109,39 @@ def test_data_mode(runs):
     (['--dtype', 'float16', '--device', 'cpu'], 'float16 needs CUDA'),
     (['--models', 'deit_tiny_12', '--reference', 'deit_small_12', '--device', 'cpu'], 'not one of --models'),
     (['--compile', '--warmup', '0', '--device', 'cpu'], '--warmup >= 1'),
+    (['--attn-path', 'fused', 'fused', '--device', 'cpu'], '--attn-path lists a value twice'),
 ])
 def test_bad_options_fail_fast(argv, message):
     with pytest.raises(SystemExit, match=message):
         benchmark.check_args(benchmark.get_args_parser().parse_args(argv))
+
+
+def test_attention_path_axis_labels_rows_and_switches_every_attention():
+    args = benchmark.get_args_parser().parse_args(
+        ['--models', 'deit_tiny_12', 'attnscale_tiny_12', '--attn-path', 'fused', 'explicit', '--device', 'cpu',
+         '--model-kwargs', 'depth=2', '--img-size', '32', '--num-classes', '10'])
+    labels = benchmark.variants(args)
+    assert labels['attnscale_tiny_12@explicit'] == ('attnscale_tiny_12', 'float32', 'explicit')
+    assert list(labels) == ['deit_tiny_12@fused', 'attnscale_tiny_12@fused', 'deit_tiny_12@explicit',
+                            'attnscale_tiny_12@explicit']
+    assert benchmark.reference_label(args) == 'deit_tiny_12@fused'
+    for path, fused in (('fused', True), ('explicit', False)):
+        model, _, _ = benchmark.build('attnscale_tiny_12', args, torch.device('cpu'), 'float32', path)
+        switches = [m.fused_attn for m in model.modules() if hasattr(m, 'fused_attn')]
+        assert switches == [fused, fused]  # one per block
+
+
+def test_explicit_attention_keeps_more_for_backward_than_fused():
+    """The explicit path saves N x N attention maps for backward; the fused path does not."""
+    peaks = {}
+    for path in ('fused', 'explicit'):
+        args = benchmark.get_args_parser().parse_args(
+            ['--memory-child', 'attnscale_tiny_12', '--attn-path', path, '--device', 'cpu', '--batch-size', '16',
+             '--img-size', '224', '--num-classes', '10', '--memory-steps', '1', '--model-kwargs', 'depth=2'])
+        peaks[path] = benchmark.memory_child(args)['tensor_peak_mb']
+    n = (224 // 16) ** 2 + 1  # tokens
+    maps_mb = 2 * 16 * 3 * n * n * 4 / 2 ** 20  # blocks x batch x heads x N x N fp32: one saved map per block
+    assert peaks['explicit'] - peaks['fused'] > maps_mb
 
 
 def test_tensor_peak_counts_live_storage():
