@@ -1,5 +1,6 @@
 """main.py end to end on a generated ImageFolder: 2-process gloo runs, resume, eval, fine-tune, logs."""
 import json
+import math
 import os
 import re
 import subprocess
@@ -34,6 +35,12 @@ def run(args, launcher='python', nproc=2, port=29610, env=None, check=True, time
     if check and proc.returncode != 0:
         raise AssertionError(f'exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
     return proc
+
+
+def eval_summary(stdout):
+    """(top-1, loss) of the last '* Acc@1 ... loss ...' line."""
+    acc1, loss = re.findall(r'\* Acc@1 ([\d.]+) Acc@5 [\d.]+ loss ([\d.]+)', stdout)[-1]
+    return float(acc1), float(loss)
 
 
 def log_epochs(out):
@@ -155,3 +162,36 @@ def test_nan_loss_stops_with_a_clear_message(data, tmp_path):
                 '--epochs', '1', '--lr', '1e30', '--warmup-epochs', '0'], launcher='launch', port=29618, check=False)
     assert proc.returncode != 0
     assert re.search(r'error: loss is (nan|inf) at epoch 0; lower --lr', proc.stderr)
+
+
+@pytest.mark.parametrize('name,flags', [('bfloat16', ['--amp-dtype', 'bfloat16']), ('compile', ['--compile'])])
+def test_bfloat16_and_compile_train_and_evaluate(data, tmp_path, name, flags):
+    """A training epoch and an evaluation with the flag: the checkpoint holds the plain model's keys, and its
+    evaluation with the flag agrees with the float32 eager one (bfloat16: to bfloat16's precision)."""
+    common = ['--model', 'attnscale_tiny_12', *TINY, *FAST, '--data-path', data, '--no-model-ema',
+              '--no-log-tensorboard']
+    out = tmp_path / name
+    run(common + ['--epochs', '1', '--output_dir', out, *flags], launcher='python', timeout=400)
+    stats = json.loads((out / 'log.txt').read_text())
+    assert stats['epoch'] == 0 and math.isfinite(stats['train_loss']) and math.isfinite(stats['test_loss'])
+    state = torch.load(out / 'checkpoint.pth', weights_only=True)['model']
+    assert 'blocks.0.attn.lamb' in state and not any(k.startswith('_orig_mod.') for k in state)
+    resume = ['--eval', '--resume', out / 'checkpoint.pth']
+    acc_ref, loss_ref = eval_summary(run(common + resume, launcher='python').stdout)
+    acc, loss = eval_summary(run(common + resume + flags, launcher='python', timeout=400).stdout)
+    if name == 'compile':
+        assert acc == acc_ref and abs(loss - loss_ref) <= 1e-3
+    else:
+        assert abs(loss - loss_ref) <= 0.05
+
+
+def test_evaluate_under_bfloat16_autocast_computes_in_bfloat16():
+    import timm
+    import engine
+    import models  # noqa: F401  (registers the variants)
+    torch.manual_seed(0)
+    model = timm.create_model('attnscale_tiny_12', depth=2, img_size=32, patch_size=8, num_classes=4)
+    loader = [(torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,)))]
+    fp32, bf16 = (engine.evaluate(loader, model, torch.device('cpu'), dtype) for dtype in (torch.float32,
+                                                                                           torch.bfloat16))
+    assert bf16['loss'] != fp32['loss'] and abs(bf16['loss'] - fp32['loss']) < 0.05
