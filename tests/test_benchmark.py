@@ -152,3 +152,9 @@ def test_tensor_peak_counts_live_storage():
     assert tracker.peak == 8000 and tracker.live == 2000
     del c
     assert tracker.live == 0
+
+
+def test_memory_only_run_describes_itself():
+    args = benchmark.get_args_parser().parse_args(['--no-train', '--no-infer', '--device', 'cpu', '--memory-steps', '2'])
+    line = benchmark.describe(args, dict(device='cpu', torch='2.x', threads=2, cpu_count=2))
+    assert 'memory only, 2 training steps' in line and 'rounds' not in line
