@@ -12,6 +12,7 @@ import torch.nn as nn
 from timm.models.cait import Cait, LayerScaleBlock as TimmLayerScaleBlock, TalkingHeadAttn as TimmTalkingHeadAttn
 
 from .antioversmooth import attnscale, featscale
+from .official import official_drop_rates, official_flops
 from .registry import default_cfg, register_variant
 
 
@@ -75,28 +76,24 @@ class CaiT(Cait):
     """
 
     def __init__(self, attn_scale: bool = False, feat_scale: bool = False, drop_rate: float = 0., **kwargs):
-        kwargs.setdefault('pos_drop_rate', drop_rate)
-        kwargs.setdefault('proj_drop_rate', drop_rate)
         self.attn_scale, self.feat_scale = attn_scale, feat_scale
         super().__init__(
             block_layers=partial(LayerScaleBlock, feat_scale=feat_scale),
             attn_block=partial(TalkingHeadAttn, attn_scale=attn_scale),
-            **kwargs,
+            **official_drop_rates(drop_rate, kwargs),
         )
 
     @torch.jit.ignore
     def flops(self) -> int:
         """FLOPs as the official `flops()` counts them (N = patches)."""
         N, C = self.patch_embed.num_patches, self.embed_dim
-        proj = self.patch_embed.proj
-        flops = N * C * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
-        flops += sum(blk.flops(N) for blk in self.blocks)
+        flops = sum(blk.flops(N) for blk in self.blocks)
         for blk in self.blocks_token_only:
             H = blk.attn.num_heads
             d = C // H
             attn = N * C * 2 * C + C * C + H * d * N + H * N * d + C * C
             flops += C + attn + C + 2 * C * blk.mlp.fc1.out_features + C + C
-        return flops + N * C + C * self.num_classes
+        return official_flops(self, flops)
 
 
 default_cfgs = {}

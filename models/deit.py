@@ -15,6 +15,7 @@ from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import VisionTransformer
 
 from .antioversmooth import attnscale, attnscale_fused, featscale
+from .official import official_drop_rates, official_flops
 from .registry import default_cfg, register_variant
 
 
@@ -100,13 +101,11 @@ class DeiT(VisionTransformer):
     """
 
     def __init__(self, attn_scale: bool = False, feat_scale: bool = False, drop_rate: float = 0., **kwargs):
-        kwargs.setdefault('pos_drop_rate', drop_rate)
-        kwargs.setdefault('proj_drop_rate', drop_rate)
         self.attn_scale, self.feat_scale = attn_scale, feat_scale
         super().__init__(
             attn_layer=AttnScaleAttention if attn_scale else Attention,
             block_fn=partial(Block, feat_scale=feat_scale),
-            **kwargs,
+            **official_drop_rates(drop_rate, kwargs),
         )
 
     def init_weights(self, mode: str = '', needs_reset: bool = True) -> None:
@@ -117,11 +116,7 @@ class DeiT(VisionTransformer):
     @torch.jit.ignore
     def flops(self) -> int:
         """FLOPs as the official `flops()` counts them (N = patches, class token not counted)."""
-        N, C = self.patch_embed.num_patches, self.embed_dim
-        proj = self.patch_embed.proj
-        flops = N * C * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
-        flops += sum(blk.flops(N) for blk in self.blocks)
-        return flops + N * C + C * self.num_classes
+        return official_flops(self, sum(blk.flops(self.patch_embed.num_patches) for blk in self.blocks))
 
 
 default_cfgs = {}
