@@ -373,7 +373,7 @@ def test_sigterm_single_process_exits_75_and_resumes(data, tmp_path):
 @pytest.mark.parametrize('how', ['torchrun', 'srun'])
 def test_a_rank_killed_mid_training_ends_the_job_quickly(data, tmp_path, how):
     """SIGKILL of rank 1 only. Guaranteed: the surviving rank 0 notices on its next collective (gloo reports the
-    closed connection at once), prints one line and exits by itself; the job is over well within 120 s (not
+    closed connection at once), prints one line and exits non-zero by itself; the job is over well within 120 s (not
     after --dist-timeout, 10 min by default); torchrun's failure report names rank 1 and SIGKILL; the last
     complete epoch's checkpoint is intact."""
     args = [*TINY, *FAST, '--data-path', data, '--output_dir', tmp_path, '--epochs', 1000]
@@ -400,8 +400,8 @@ def test_a_rank_killed_mid_training_ends_the_job_quickly(data, tmp_path, how):
         assert codes[0] != 0
         report = err[err.index('Root Cause'):]
         assert re.search(r'rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*-9', report), report
-    else:
-        assert codes == [1, -signal.SIGKILL]
+    else:  # rank 0 exits 1 after its line, or is aborted by gloo's teardown of the broken group (seen in 1 of ~8)
+        assert codes[0] in (1, -signal.SIGABRT) and codes[1] == -signal.SIGKILL, codes
     assert saved_epoch(tmp_path) >= 1
 
 
