@@ -174,9 +174,7 @@ def build(name: str, args, device: torch.device, dtype: str, attn_path: str = 'f
             raise
         model = models.create_model(name, **{k: v for k, v in kwargs.items() if k != 'img_size'})
     model = model.to(device).train()
-    for module in model.modules():
-        if hasattr(module, 'fused_attn'):
-            module.fused_attn = attn_path == 'fused'
+    models.set_fused_attn(model, attn_path == 'fused')
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
     scaler = torch.amp.GradScaler(device.type) if dtype == 'float16' else None
     return model, optimizer, scaler
@@ -299,8 +297,7 @@ def memory_child(args) -> dict:
         train_step(model, optimizer, scaler, x, y, device, DTYPES[dtype])
     sync(device)
     result = dict(model=args.memory_child, dtype=dtype, attn_path=attn_path, device=device.type,
-                  baseline_rss_mb=baseline,
-                  max_rss_mb=max_rss_mb())
+                  baseline_rss_mb=baseline, max_rss_mb=max_rss_mb())
     if device.type == 'cuda':
         result['cuda_max_allocated_mb'] = torch.cuda.max_memory_allocated(device) / 2 ** 20
         result['peak_mb'] = result['cuda_max_allocated_mb']

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.cait import Cait
 
-from models import dc_hf_split
+from models import dc_hf_split, set_fused_attn
 
 # first layer index of each per-layer metric of `batch_metrics` (see the numbering above)
 FIRST_LAYER = {
@@ -130,7 +130,7 @@ def probe(model: torch.nn.Module, images: torch.Tensor) -> dict:
         raise ValueError(f'{type(model).__name__} has no attn_probe on its attention modules: '
                          'probe() works on the models of this repository only')
     found = {'tokens': [], 'branch': [], 'attn': []}
-    fused = {m: m.fused_attn for m in model.modules() if hasattr(m, 'fused_attn')}
+    fused = {}
     handles = []
     try:
         handles.append(blocks[0].register_forward_pre_hook(lambda m, args: found['tokens'].append(args[0])))
@@ -138,8 +138,7 @@ def probe(model: torch.nn.Module, images: torch.Tensor) -> dict:
             handles.append(blk.register_forward_hook(lambda m, args, out: found['tokens'].append(out)))
             handles.append(blk.attn.register_forward_hook(lambda m, args, out: found['branch'].append(out)))
             handles.append(blk.attn.attn_probe.register_forward_hook(lambda m, args, out: found['attn'].append(out)))
-        for m in fused:
-            m.fused_attn = False
+        fused = set_fused_attn(model, False)
         with torch.no_grad():
             found['logits'] = model(images)
     finally:

@@ -59,6 +59,15 @@ class Attention(TimmAttention):
         return N * C * 3 * C + H * N * d * N + (H * N * N if self.lamb is not None else 0) + H * N * N * d + N * C * C
 
 
+def set_fused_attn(model: nn.Module, enabled: bool) -> dict:
+    """Switch `fused_attn` on every module of `model` that has one (ours and timm's attentions); returns
+    {module: previous value}, so a caller can restore them. Off, attention maps are formed explicitly."""
+    previous = {m: m.fused_attn for m in model.modules() if hasattr(m, 'fused_attn')}
+    for m in previous:
+        m.fused_attn = enabled
+    return previous
+
+
 class AttnScaleAttention(Attention):
     """Attention with AttnScale on (timm's block factory takes a class, not a partial)."""
 
