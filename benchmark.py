@@ -42,7 +42,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -63,6 +62,7 @@ if str(ROOT) not in sys.path:
 
 import models  # noqa: E402  (registers our variants in timm's registry)
 from engine import autocast  # noqa: E402  (the training loop's own mixed-precision context)
+from utils import peak_rss_mb  # noqa: E402
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
@@ -227,12 +227,6 @@ def timed(fn, device: torch.device) -> tuple:
 # Peak memory: one fresh child process per model
 # ---------------------------------------------------------------------------------------------------------------
 
-def max_rss_mb() -> float:
-    """This process's resident-set high-water mark in MB (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2 ** 20 if sys.platform == 'darwin' else rss / 2 ** 10
-
-
 class TensorPeak(TorchDispatchMode):
     """Peak bytes of live tensor storage created while this mode is active (a CPU max_memory_allocated).
 
@@ -285,7 +279,7 @@ def memory_child(args) -> dict:
     """
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    baseline = max_rss_mb()
+    baseline = peak_rss_mb()
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     dtype, attn_path = args.dtype[0], args.attn_path[0]
@@ -297,7 +291,7 @@ def memory_child(args) -> dict:
         train_step(model, optimizer, scaler, x, y, device, DTYPES[dtype])
     sync(device)
     result = dict(model=args.memory_child, dtype=dtype, attn_path=attn_path, device=device.type,
-                  baseline_rss_mb=baseline, max_rss_mb=max_rss_mb())
+                  baseline_rss_mb=baseline, max_rss_mb=peak_rss_mb())
     if device.type == 'cuda':
         result['cuda_max_allocated_mb'] = torch.cuda.max_memory_allocated(device) / 2 ** 20
         result['peak_mb'] = result['cuda_max_allocated_mb']

@@ -171,11 +171,16 @@ def is_comm_error(exc: BaseException) -> bool:
         'Timed out', 'timed out', 'ProcessGroup'))
 
 
+def _mentions_timeout(text: str) -> bool:
+    """Whether an error text from torch.distributed / gloo / NCCL reports a timeout ('Timed out', 'timeout')."""
+    return 'imed out' in text or 'imeout' in text
+
+
 def comm_error_message(exc: BaseException, timeout_min: float) -> str:
     """One line for a failed collective: what happened and what to do."""
     text = ' '.join(str(exc).split())
     first = text.split('. ')[0][:300]
-    if 'imed out' in text or 'imeout' in text:
+    if _mentions_timeout(text):
         cause = (f'another process did not answer within --dist-timeout {timeout_min:g} min (hung or stopped); '
                  'raise --dist-timeout if a slow step (e.g. a large checkpoint write) is expected')
     else:
@@ -244,7 +249,7 @@ def _init_error_message(exc: BaseException, args) -> str:
     if 'MASTER_ADDR' in text or 'MASTER_PORT' in text or 'environment variable' in text:
         return (f'cannot join the process group ({text[:200]}); set MASTER_ADDR and MASTER_PORT, or start main.py '
                 f'with torchrun / torch.distributed.launch --use_env')
-    if 'imed out' in text or 'imeout' in text:
+    if _mentions_timeout(text):
         return (f'timed out joining the process group at {addr}:{port} (rank {args.rank} of {args.world_size}); '
                 'check that every process was started and that MASTER_ADDR/MASTER_PORT agree, or raise --dist-timeout')
     return f'cannot join the process group at {addr}:{port} ({text[:300]})'
@@ -327,9 +332,14 @@ def rss_mb() -> float:
         with open('/proc/self/statm') as f:
             return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
     except (OSError, ValueError, IndexError):
-        import resource
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / 2 ** 20 if sys.platform == 'darwin' else peak / 1024
+        return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """This process's resident-set high-water mark in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == 'darwin' else peak / 2 ** 10
 
 
 def all_gather_object(obj) -> list:
