@@ -1,4 +1,5 @@
 """Train one epoch, evaluate, and measure throughput (DeiT's engine, device- and dtype-agnostic)."""
+import math
 import time
 from contextlib import nullcontext
 from typing import Iterable, Optional
@@ -90,8 +91,10 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
             loss.backward()
         nonfinite, stop = read_step_flags(flags, work)
         if nonfinite:
-            raise NonFiniteLossError(f'loss is {loss.item()} at epoch {epoch}; lower --lr, set --clip-grad, or use '
-                                     '--amp-dtype bfloat16/float32')
+            value = loss.item()
+            raise NonFiniteLossError(f'loss is {value if not math.isfinite(value) else "not finite on another process"}'
+                                     f' at epoch {epoch}; lower --lr, set --clip-grad, or use --amp-dtype '
+                                     'bfloat16/float32')
         if loss_scaler is not None:
             if max_norm:
                 loss_scaler.unscale_(optimizer)

@@ -265,9 +265,10 @@ NCCL_ERROR_HANDLING = {
 }
 
 
-def configure_nccl_error_handling(env=os.environ) -> dict:
-    """Set NCCL_ERROR_HANDLING in `env` where the user has not chosen otherwise; returns what was set. Must run
-    before the NCCL process group is created (the variables are read then)."""
+def configure_nccl_error_handling(env=None) -> dict:
+    """Set NCCL_ERROR_HANDLING in `env` (os.environ) where the user has not chosen otherwise; returns what was set.
+    Must run before the NCCL process group is created (the variables are read then)."""
+    env = os.environ if env is None else env
     chosen = {k: v for k, v in NCCL_ERROR_HANDLING.items()
               if k not in env and k.replace('TORCH_', '', 1) not in env}  # NCCL_ASYNC_ERROR_HANDLING: old name
     env.update(chosen)
