@@ -7,7 +7,7 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 from timm.data import Mixup
-from timm.utils import accuracy
+from timm.utils import accuracy, unwrap_model
 
 import utils
 
@@ -23,13 +23,24 @@ def autocast(device: torch.device, amp_dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
-def _all_ranks_finite(loss: torch.Tensor) -> bool:
-    """True when the loss is finite on every rank (one tiny all-reduce, so all ranks stop together)."""
-    finite = torch.isfinite(loss.detach()).float().reshape(1)
-    if utils.is_dist_avail_and_initialized():
-        finite = finite.to(utils._collective_device())
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
+def start_step_flags(loss: torch.Tensor, stop_requested: bool):
+    """`[loss not finite, stop requested]` of this rank, maximised over all ranks by one all-reduce that is only
+    started here: it runs while the backward pass is queued, and `read_step_flags` waits for it. Built on the
+    loss's device without copying from the host (a fill kernel), so starting it costs no synchronisation."""
+    flags = torch.stack([torch.isfinite(loss.detach()).logical_not(),
+                         torch.full((), stop_requested, dtype=torch.bool, device=loss.device)]).float()
+    if not utils.is_dist_avail_and_initialized():
+        return flags, None
+    flags = flags.to(utils._collective_device())
+    return flags, dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True)
+
+
+def read_step_flags(flags: torch.Tensor, work) -> tuple:
+    """`(any rank's loss not finite, any rank asked to stop)`: the step's one host synchronisation."""
+    if work is not None:
+        work.wait()
+    nonfinite, stop = flags.tolist()
+    return bool(nonfinite), bool(stop)
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
@@ -37,21 +48,27 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     loss_scaler: Optional[torch.amp.GradScaler] = None, amp_dtype: torch.dtype = torch.float32,
                     max_norm: Optional[float] = None, model_ema=None, mixup_fn: Optional[Mixup] = None,
                     set_training_mode: bool = True, print_freq: int = 10, bce_loss: bool = False,
-                    should_stop=lambda: False, start_step: int = 0, initial_meters: Optional[dict] = None):
+                    stop_requested=lambda: False, start_step: int = 0, initial_meters: Optional[dict] = None):
     """One pass over `data_loader` (which starts at step `start_step` of the epoch when resuming mid-epoch).
 
-    `should_stop()` (a preemption signal agreed by all ranks) is checked after each step. Returns
-    `(stats, stopped_at, meter_totals)`: the meters averaged over ranks; the number of steps of the epoch done
-    (counting the `start_step` skipped ones) when `should_stop()` cut it short before its last step, else None;
-    and this rank's `{meter: [count, total]}` before they are summed over ranks, which a mid-epoch checkpoint
-    stores and the resumed epoch passes back as `initial_meters`, so that its averages cover the whole epoch
-    and are summed in the same order as in an uninterrupted epoch.
+    Each step synchronises the host once and runs one small collective: the all-reduce of the step flags
+    (a non-finite loss on any rank, and `stop_requested()`, this rank's preemption signal), started before the
+    backward pass and read before the optimizer step. A non-finite loss raises NonFiniteLossError on every rank
+    before any weight changes; a stop request ends the epoch after the step on every rank. The loss meter
+    keeps device tensors and reads them at `print_freq` boundaries (see utils.SmoothedValue).
+
+    Returns `(stats, stopped_at, meter_totals)`: the meters averaged over ranks; the number of steps of the epoch
+    done (counting the `start_step` skipped ones) when a stop request cut it short before its last step, else
+    None; and this rank's `{meter: [count, total]}` before they are summed over ranks, which a mid-epoch
+    checkpoint stores and the resumed epoch passes back as `initial_meters`, so that its averages cover the
+    whole epoch and are summed in the same order as in an uninterrupted epoch.
     """
     model.train(set_training_mode)
+    ema_source = unwrap_model(model)  # the plain module: same keys as the EMA copy, also under DDP / compile
     metric_logger = utils.MetricLogger(delimiter='  ')
     metric_logger.add_meter('lr', utils.SmoothedValue(window_size=1, fmt='{value:.6f}'))
     for name, (count, total) in (initial_meters or {}).items():
-        metric_logger.meters[name].count, metric_logger.meters[name].total = int(count), float(total)
+        metric_logger.meters[name].set_totals(int(count), float(total))
     num_steps = len(data_loader)
     stopped_at = None
     for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, f'Epoch: [{epoch}]')):
@@ -65,31 +82,37 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         with autocast(device, amp_dtype):
             outputs = model(samples)
             loss = criterion(samples, outputs, targets)
-        if not _all_ranks_finite(loss):
-            raise NonFiniteLossError(
-                f'loss is {loss.item()} at epoch {epoch}; lower --lr, set --clip-grad, or use --amp-dtype bfloat16/float32')
+        flags, work = start_step_flags(loss, stop_requested())
 
         optimizer.zero_grad(set_to_none=True)
         if loss_scaler is not None:
             loss_scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        nonfinite, stop = read_step_flags(flags, work)
+        if nonfinite:
+            value = loss.item()
+            raise NonFiniteLossError(f'loss is {value if not math.isfinite(value) else "not finite on another process"}'
+                                     f' at epoch {epoch}; lower --lr, set --clip-grad, or use --amp-dtype '
+                                     'bfloat16/float32')
+        if loss_scaler is not None:
             if max_norm:
                 loss_scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             loss_scaler.step(optimizer)
             loss_scaler.update()
         else:
-            loss.backward()
             if max_norm:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             optimizer.step()
 
         if model_ema is not None:
-            model_ema.update(model)
-        metric_logger.update(loss=loss.item(), lr=optimizer.param_groups[0]['lr'])
-        if should_stop() and step < num_steps - 1:  # a stop after the last step is handled after the epoch
+            model_ema.update(ema_source)
+        metric_logger.update(loss=loss.detach(), lr=optimizer.param_groups[0]['lr'])
+        if stop and step < num_steps - 1:  # a stop after the last step is handled after the epoch
             stopped_at = start_step + step + 1
             break
-    totals = {k: [meter.count, meter.total] for k, meter in metric_logger.meters.items()}
+    totals = {k: list(meter.totals()) for k, meter in metric_logger.meters.items()}
     metric_logger.synchronize_between_processes()
     utils.log('Averaged stats:', metric_logger)
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}, stopped_at, totals
@@ -110,9 +133,9 @@ def evaluate(data_loader: Iterable, model: torch.nn.Module, device: torch.device
             loss = criterion(output, target)
         acc1, acc5 = accuracy(output.float(), target, topk=(1, min(5, output.shape[-1])))
         n = images.shape[0]
-        metric_logger.update(loss=loss.item())
-        metric_logger.meters['acc1'].update(acc1.item(), n=n)
-        metric_logger.meters['acc5'].update(acc5.item(), n=n)
+        metric_logger.update(loss=loss.detach())  # device tensors, read once at the end (or a progress line)
+        metric_logger.meters['acc1'].update(acc1, n=n)
+        metric_logger.meters['acc5'].update(acc5, n=n)
     metric_logger.synchronize_between_processes()
     utils.log('* Acc@1 {top1.global_avg:.3f} Acc@5 {top5.global_avg:.3f} loss {losses.global_avg:.3f}'.format(
         top1=metric_logger.acc1, top5=metric_logger.acc5, losses=metric_logger.loss))

@@ -11,7 +11,9 @@ import random
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -151,25 +153,353 @@ def get_args_parser():
     return p
 
 
-def resolve_resume(args) -> str:
-    """The checkpoint to start from: with --auto_reload, `<output_dir>/checkpoint.pth` (or its `.prev`
-    predecessor if the latest is unreadable) wins over --resume, so an interrupted fine-tune continues."""
+# ---------------------------------------------------------------------------------------------------------------
+# Start-up: checks that need no data
+# ---------------------------------------------------------------------------------------------------------------
+
+def check_args(args, device: torch.device) -> torch.dtype:
+    """Fail in one line on flags that cannot work together, before any data is read; return the autocast dtype
+    (--amp-dtype, else float16 on CUDA and float32, i.e. no autocast, elsewhere)."""
+    if args.distillation_type != 'none':
+        if args.finetune and not args.eval:
+            utils.fail('fine-tuning with distillation is not supported; drop --distillation-type or --finetune')
+        if not args.teacher_path:
+            utils.fail('--distillation-type needs --teacher-path (weights are never downloaded)')
+        if not has_distillation_head(args):
+            utils.fail(f'--distillation-type {args.distillation_type} needs a model with a distillation head, such as '
+                       f'deit_tiny_distilled_patch16_224; {args.model} has none: pick a *_distilled_* model or drop '
+                       '--distillation-type')
+    amp_dtype = getattr(torch, args.amp_dtype or ('float16' if device.type == 'cuda' else 'float32'))
+    if amp_dtype == torch.float16 and device.type != 'cuda':
+        utils.fail('--amp-dtype float16 needs CUDA; use bfloat16 or float32 on CPU')
+    return amp_dtype
+
+
+def has_distillation_head(args) -> bool:
+    """Whether `args.model` has a distillation token and head (timm's `set_distilled_training`), checked on a
+    weightless copy built on the meta device: no memory, no data needed. An add-on (AttnScale/FeatScale) keeps the
+    class of the model it is applied to, so the plain model answers for it."""
+    try:
+        with torch.device('meta'):
+            probe = models.create_model(args.model, num_classes=2, img_size=args.input_size,
+                                        **models.parse_model_kwargs(args.model_kwargs))
+    except (ValueError, TypeError) as e:
+        utils.fail(str(e).splitlines()[0] if str(e) else repr(e))
+    return hasattr(probe, 'set_distilled_training')
+
+
+def seed_run(args, device: torch.device):
+    seed = args.seed + utils.get_rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    if device.type == 'cuda':
+        cudnn.benchmark = True
+
+
+def prepare_output_dir(args):
+    """Create --output_dir and check that it is writable, before anything is trained."""
+    if not args.output_dir:
+        return
+    try:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        probe = Path(args.output_dir) / f'.write_test.{os.getpid()}'
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        utils.fail(f'--output_dir {args.output_dir} is not writable ({e.strerror}); pick another directory')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Data:
+    """Datasets and loaders of a run. `loader_generator` is the training loader's own generator: creating an
+    epoch's iterator draws a seed from it, not from the global RNG that augmentation uses, so a mid-epoch resume
+    continues the global RNG exactly."""
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    nb_classes: int
+    loader_train: torch.utils.data.DataLoader
+    loader_val: torch.utils.data.DataLoader
+    loader_generator: torch.Generator
+    mixup_fn: Optional[Mixup]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loader_train)
+
+
+def build_data(args) -> Data:
+    """Datasets, samplers (repeated augmentation, resumable), loaders and mixup, as the flags say.
+
+    Training workers persist across epochs; validation workers do not (they would sit idle, holding memory,
+    for the whole training epoch).
+    """
+    try:
+        dataset_train, nb_classes = build_dataset(is_train=True, args=args)
+        dataset_val, _ = build_dataset(is_train=False, args=args)
+    except DatasetError as e:
+        utils.fail(str(e))
+
+    num_tasks, rank = utils.get_world_size(), utils.get_rank()
+    if args.repeated_aug:
+        sampler_train = RASampler(dataset_train, num_replicas=num_tasks, rank=rank, shuffle=True, seed=args.seed)
+    else:
+        sampler_train = torch.utils.data.DistributedSampler(dataset_train, num_replicas=num_tasks, rank=rank,
+                                                            shuffle=True, seed=args.seed)
+    sampler_train = ResumableSampler(sampler_train)  # can start an epoch after a mid-epoch checkpoint's steps
+    if args.dist_eval and num_tasks > 1:
+        if len(dataset_val) % num_tasks:
+            utils.log('Warning: the validation set does not divide by the number of processes; distributed '
+                      'evaluation pads it with repeated images, which changes the numbers slightly.')
+        sampler_val = torch.utils.data.DistributedSampler(dataset_val, num_replicas=num_tasks, rank=rank,
+                                                          shuffle=False)
+    else:
+        sampler_val = torch.utils.data.SequentialSampler(dataset_val)
+    if not args.eval and not args.throughput and len(sampler_train) < args.batch_size:
+        utils.fail(f'--batch-size {args.batch_size} is larger than the {len(sampler_train)} training images each '
+                   f'of the {num_tasks} processes sees; lower --batch-size')
+
+    pin_memory = args.pin_mem and args.device.startswith('cuda')
+    loader_generator = torch.Generator()
+    loader_train = torch.utils.data.DataLoader(
+        dataset_train, sampler=sampler_train, batch_size=args.batch_size, drop_last=True, generator=loader_generator,
+        num_workers=args.num_workers, pin_memory=pin_memory, persistent_workers=args.num_workers > 0)
+    loader_val = torch.utils.data.DataLoader(
+        dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size), drop_last=False,
+        num_workers=args.num_workers, pin_memory=pin_memory, persistent_workers=False)
+
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=nb_classes)
+    return Data(dataset_train, dataset_val, nb_classes, loader_train, loader_val, loader_generator, mixup_fn)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------
+
+def build_model(args, num_classes: int) -> torch.nn.Module:
+    """`args.model` with the flags' image size, drop rates and --model-kwargs: the one place a model is created."""
+    try:
+        return models.create_model(args.model, num_classes=num_classes, drop_rate=args.drop,
+                                   drop_path_rate=args.drop_path, drop_block_rate=None, img_size=args.input_size,
+                                   **models.parse_model_kwargs(args.model_kwargs))
+    except (ValueError, TypeError) as e:
+        utils.fail(str(e).splitlines()[0] if str(e) else repr(e))
+
+
+def interpolate_pos_embed(model, state: dict):
+    """Resize a checkpoint's `pos_embed` to the model's patch grid (bicubic), keeping prefix tokens."""
+    from timm.layers import resample_abs_pos_embed
+    if 'pos_embed' not in state or state['pos_embed'].shape == model.pos_embed.shape:
+        return
+    num_prefix = model.pos_embed.shape[1] - model.patch_embed.num_patches
+    state['pos_embed'] = resample_abs_pos_embed(state['pos_embed'], new_size=model.patch_embed.grid_size,
+                                                num_prefix_tokens=num_prefix)
+
+
+def load_finetune(model, path: str, unsafe: bool):
+    """--finetune: every weight of the checkpoint that fits; the heads are dropped when the number of classes
+    differs, and `pos_embed` is resized to the model's patch grid."""
+    state = model_state(load_checkpoint(path, allow_unsafe=unsafe))
+    own = model.state_dict()
+    for k in ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias'):
+        if k in state and k in own and state[k].shape != own[k].shape:
+            utils.log(f'Removing key {k} from the fine-tune checkpoint (another number of classes)')
+            del state[k]
+    interpolate_pos_embed(model, state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    utils.log(f'Fine-tuning from {path}; newly initialised: {missing}; ignored: {unexpected}')
+
+
+def prepare_model(args, num_classes: int, device: torch.device):
+    """The plain model (fine-tune weights loaded, distilled training on, moved to `device`) and its EMA copy."""
+    utils.log(f'Creating model: {args.model}')
+    model = build_model(args, num_classes)
+    if args.finetune:
+        try:
+            load_finetune(model, args.finetune, args.unsafe_load)
+        except CheckpointError as e:
+            utils.fail(str(e))
+    if args.distillation_type != 'none':
+        model.set_distilled_training(True)  # training returns (class, distillation) logits; eval averages them
+    model.to(device)
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else None)
+    utils.log(f'number of params: {count_parameters(model)}')
+    if hasattr(model, 'flops'):
+        utils.log(f'number of GFLOPs: {model.flops() / 1e9}')
+    return model, model_ema
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def wrap_model(model, args, device: torch.device) -> torch.nn.Module:
+    """DDP first, then torch.compile, as timm's train.py does: compiling the DDP module lets dynamo split the
+    graph at DDP's bucket boundaries, so each bucket's gradient all-reduce overlaps the rest of the backward.
+    Checkpoints are written from the plain `model`, so their keys never carry `module.` or `_orig_mod.`."""
+    net = model
+    if utils.is_dist_avail_and_initialized():
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == 'cuda'
+                                                        else None)
+    if args.compile:
+        net = torch.compile(net)
+    return net
+
+
+def addon_lambdas(model) -> dict:
+    """Mean learned lambda of each add-on layer, for TensorBoard: {'attnscale/block3': value, ...}."""
+    names = {'lamb': 'attnscale', 'lamb1': 'featscale_dc', 'lamb2': 'featscale_hf'}
+    out = {}
+    for name, p in model.named_parameters():
+        match = ADDON_KEY.search(name)
+        if match and name.startswith('blocks.'):
+            out[f'{names[match.group(2)]}/block{name.split(".")[1]}'] = p.detach().float().mean().item()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimisation and criterion
+# ---------------------------------------------------------------------------------------------------------------
+
+def scaled_lr(args, world_size: int) -> float:
+    """DeiT's linear scaling rule, `--lr * batch_size * world_size / 512`; `--lr` itself with --unscale-lr."""
+    return args.lr if args.unscale_lr else args.lr * args.batch_size * world_size / 512.0
+
+
+def build_optimizer(args, model, lr: float) -> torch.optim.Optimizer:
+    """timm's optimizer factory at learning rate `lr`: no weight decay on 1-D parameters (biases, norms, every
+    lambda) nor on the names in `model.no_weight_decay()` (pos_embed, cls_token, dist_token)."""
+    return create_optimizer_v2(model, **dict(optimizer_kwargs(cfg=args), lr=lr))
+
+
+def build_optimization(args, model, amp_dtype: torch.dtype):
+    """(optimizer, lr_scheduler, loss_scaler) for the plain model; the loss scaler only for float16 autocast."""
+    lr = scaled_lr(args, utils.get_world_size())
+    rule = '--unscale-lr: not scaled' if args.unscale_lr else \
+        f'--lr {args.lr:g} x {args.batch_size} x {utils.get_world_size()} / 512'
+    utils.log(f'learning rate: {lr:g} ({rule})')
+    optimizer = build_optimizer(args, model, lr)
+    loss_scaler = torch.amp.GradScaler('cuda') if amp_dtype == torch.float16 else None
+    lr_scheduler, _ = create_scheduler(args, optimizer)
+    return optimizer, lr_scheduler, loss_scaler
+
+
+def build_training_criterion(args, data: Data, device: torch.device) -> DistillationLoss:
+    """The base criterion of the flags, wrapped in DeiT's distillation loss (a pass-through without a teacher).
+    The teacher's weights come from --teacher-path through the safe loader; they must fit --teacher-model."""
+    teacher = None
+    if args.distillation_type != 'none':
+        try:
+            teacher = models.create_model(args.teacher_model, num_classes=data.nb_classes)
+            load_state_dict(teacher, model_state(load_checkpoint(args.teacher_path, args.unsafe_load)),
+                            source=args.teacher_path)
+        except (ValueError, TypeError) as e:  # CheckpointError is a ValueError
+            utils.fail(str(e).splitlines()[0])
+        teacher.requires_grad_(False)
+        teacher.to(device).eval()
+    return DistillationLoss(build_criterion(args, data.mixup_fn is not None), teacher, args.distillation_type,
+                            args.distillation_alpha, args.distillation_tau)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a checkpoint holds, and restoring it
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainingState:
+    """Everything a checkpoint holds, defined once: `state_dict()` is what is saved, `load_state_dict()` reads
+    the same entries back, so saving and resuming cannot drift apart.
+
+    `model` is the plain module (keys without `module.`/`_orig_mod.`), `epoch` the last complete epoch (-1
+    before the first), `run_args` the flags of the run plus its real world size. A checkpoint written on
+    preemption adds the MID_EPOCH entries: `resume_step` (steps of epoch + 1 done), `train_meters` and `rng`
+    (one entry per rank).
+    """
+    model: torch.nn.Module
+    model_ema: Optional[ModelEmaV3]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    loss_scaler: Optional[torch.amp.GradScaler]
+    run_args: dict
+    epoch: int = -1
+    max_accuracy: float = 0.0
+
+    ENTRIES = ('model', 'optimizer', 'lr_scheduler', 'epoch', 'model_ema', 'scaler', 'max_accuracy', 'args')
+    MID_EPOCH = ('resume_step', 'train_meters', 'rng')
+    RESUMABLE = ('optimizer', 'lr_scheduler', 'epoch')  # without these, a checkpoint only provides weights
+
+    def state_dict(self, **mid_epoch) -> dict:
+        assert set(mid_epoch) <= set(self.MID_EPOCH), mid_epoch
+        return {
+            'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+            'lr_scheduler': self.lr_scheduler.state_dict(), 'epoch': self.epoch,
+            'model_ema': self.model_ema.module.state_dict() if self.model_ema is not None else None,
+            'scaler': self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
+            'max_accuracy': self.max_accuracy, 'args': self.run_args, **mid_epoch,
+        }
+
+    def load_state_dict(self, ckpt: dict):
+        """Everything but the model's weights (restore() loads those for every kind of checkpoint). An EMA the
+        checkpoint lacks restarts from the model."""
+        self.optimizer.load_state_dict(ckpt['optimizer'])
+        self.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
+        self.epoch = ckpt['epoch']
+        self.max_accuracy = ckpt.get('max_accuracy', 0.0)
+        if self.model_ema is not None:
+            if ckpt.get('model_ema'):
+                self.model_ema.module.load_state_dict(model_state({'model': ckpt['model_ema']}))
+            else:
+                self.model_ema.set(self.model)
+        if self.loss_scaler is not None and ckpt.get('scaler'):
+            self.loss_scaler.load_state_dict(ckpt['scaler'])
+
+    def save(self, path: str, **mid_epoch):
+        """Write the checkpoint atomically on the main process (the others do not even build the dict)."""
+        if utils.is_main_process():
+            utils.save_on_master(self.state_dict(**mid_epoch), path)
+
+
+class MidEpoch(NamedTuple):
+    """Where a resumed epoch starts: steps already done, this rank's meter totals and RNG states after them."""
+    step: int = 0
+    meters: Optional[dict] = None
+    rng: Optional[dict] = None
+
+
+def resolve_resume(args):
+    """`(path, checkpoint dict)` to start from, `('', None)` for none; each file is read once.
+
+    With --auto_reload, `<output_dir>/checkpoint.pth` (or its `.prev` predecessor if the latest is unreadable)
+    wins over --resume, so an interrupted fine-tune continues.
+    """
     if args.auto_reload and args.output_dir:
         latest = os.path.join(args.output_dir, 'checkpoint.pth')
         previous = utils.previous_checkpoint(latest)
         for path in (latest, previous):
             if os.path.exists(path):
                 try:
-                    load_checkpoint(path, allow_unsafe=args.unsafe_load)
+                    return path, load_checkpoint(path, allow_unsafe=args.unsafe_load)
                 except CheckpointError as e:
                     if path == latest:
                         utils.log(f'warning: cannot resume from the latest checkpoint: {e}; resuming from the '
                                   f'previous checkpoint {previous} instead', file=sys.stderr)
-                    continue
-                return path
         if os.path.exists(latest):
             utils.fail(f'{latest} and its .prev are unreadable; remove them to start over, or pass --resume')
-    return args.resume
+    if not args.resume:
+        return '', None
+    try:
+        return args.resume, load_checkpoint(args.resume, allow_unsafe=args.unsafe_load)
+    except CheckpointError as e:
+        utils.fail(str(e))
 
 
 def set_aside_unreadable_latest(args, resumed_from: str):
@@ -185,61 +515,199 @@ def set_aside_unreadable_latest(args, resumed_from: str):
         utils.log(f'Moved the unreadable {latest} to {kept}')
 
 
-def mid_epoch_state(ckpt: dict, args, steps_per_epoch: int, path: str):
-    """`(resume_step, train_meters, rng_state)` of this rank from a mid-epoch checkpoint, `(0, None, None)` else.
+def mid_epoch_state(ckpt: dict, batch_size: int, steps_per_epoch: int, path: str) -> MidEpoch:
+    """Where this rank resumes after a mid-epoch checkpoint (MidEpoch() after an end-of-epoch one).
 
     The steps are skipped exactly when the run has the world size and batch size of the saved one; otherwise
     the same number of samples is skipped (an approximation of the rest of the epoch, announced).
     """
     step = int(ckpt.get('resume_step') or 0)
     if not step:
-        return 0, None, None
+        return MidEpoch()
+    world_size = utils.get_world_size()
     saved = ckpt.get('args') or {}
-    old = (saved.get('world_size', args.world_size), saved.get('batch_size', args.batch_size))
+    old = (saved.get('world_size', world_size), saved.get('batch_size', batch_size))
     rng, meters = ckpt.get('rng') or [], ckpt.get('train_meters') or []
-    if old != (args.world_size, args.batch_size):
-        new_step = step * old[0] * old[1] // (args.world_size * args.batch_size)
+    if old != (world_size, batch_size):
+        new_step = step * old[0] * old[1] // (world_size * batch_size)
         utils.log(f'warning: {path} was saved mid-epoch by {old[0]} processes with --batch-size {old[1]}; with '
-                  f'{args.world_size} x {args.batch_size} the epoch continues after {new_step} steps, which only '
+                  f'{world_size} x {batch_size} the epoch continues after {new_step} steps, which only '
                   'approximates the rest of the interrupted epoch')
-        return min(new_step, steps_per_epoch - 1), None, None
+        return MidEpoch(min(new_step, steps_per_epoch - 1))
     rank = utils.get_rank()
-    return (min(step, steps_per_epoch - 1), meters[rank] if len(meters) == args.world_size else None,
-            rng[rank] if len(rng) == args.world_size else None)
+    return MidEpoch(min(step, steps_per_epoch - 1), meters[rank] if len(meters) == world_size else None,
+                    rng[rank] if len(rng) == world_size else None)
 
 
-def interpolate_pos_embed(model, state: dict):
-    """Resize a checkpoint's `pos_embed` to the model's patch grid (bicubic), keeping prefix tokens."""
-    from timm.layers import resample_abs_pos_embed
-    if 'pos_embed' not in state or state['pos_embed'].shape == model.pos_embed.shape:
+def restore(args, state: TrainingState, steps_per_epoch: int) -> MidEpoch:
+    """Load the checkpoint of --resume / --auto_reload into `state`: the weights always (a baseline checkpoint
+    may lack the add-on parameters: they stay at zero and training starts over); the rest of the training state
+    when the checkpoint has it and this is not --eval. Returns where the first epoch starts."""
+    path, ckpt = resolve_resume(args)
+    if not path:
+        return MidEpoch()
+    try:
+        absent = load_state_dict(state.model, model_state(ckpt), allow_missing_addons=True, source=path)
+    except CheckpointError as e:
+        utils.fail(str(e))
+    mid, resumed = MidEpoch(), False
+    if absent:
+        utils.log(f'Initialised from baseline checkpoint {path}; {len(absent)} add-on parameters start at '
+                  'zero, so the model computes the baseline; fine-tuning from epoch 0')
+    elif not args.eval and all(k in ckpt for k in TrainingState.RESUMABLE):
+        state.load_state_dict(ckpt)
+        resumed = True
+        mid = mid_epoch_state(ckpt, args.batch_size, steps_per_epoch, path)
+        where = f'step {mid.step}/{steps_per_epoch} of ' if mid.step else ''
+        utils.log(f'Resumed from {path} (epoch {state.epoch}); training continues at {where}epoch '
+                  f'{state.epoch + 1}')
+    else:
+        utils.log(f'Loaded weights from {path}')
+    if state.model_ema is not None and not resumed:  # weights only: the EMA starts from them
+        state.model_ema.set(state.model)
+    set_aside_unreadable_latest(args, path)
+    return mid
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The epoch loop
+# ---------------------------------------------------------------------------------------------------------------
+
+class RunLog:
+    """log.txt (one JSON line per epoch) and TensorBoard scalars, written by the main process.
+
+    The lines of epochs >= `start_epoch` are dropped at the first append, not before: a run that fails early
+    leaves log.txt as it was. TensorBoard's purge_step likewise hides the events of epochs this run redoes.
+    """
+
+    def __init__(self, args, start_epoch: int):
+        self.path = os.path.join(args.output_dir, 'log.txt') if args.output_dir else ''
+        self.start_epoch = start_epoch
+        self.truncated = False
+        self.tb_writer = None
+        if args.output_dir and args.log_tensorboard and utils.is_main_process():
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb_writer = SummaryWriter(log_dir=args.output_dir, purge_step=start_epoch or None)
+
+    def write(self, epoch: int, entry: dict, lambdas: dict):
+        if not self.path or not utils.is_main_process():
+            return
+        if not self.truncated:
+            utils.truncate_log(self.path, self.start_epoch)
+            self.truncated = True
+        utils.append_log(self.path, entry)
+        if self.tb_writer is not None:
+            for tag in ('train/loss', 'train/lr', 'test/acc1', 'test/acc5', 'test/loss'):
+                self.tb_writer.add_scalar(tag, entry[tag.replace('/', '_')], epoch)
+            for tag, value in lambdas.items():
+                self.tb_writer.add_scalar(f'lambda/{tag}', value, epoch)
+            self.tb_writer.flush()
+
+    def close(self):
+        if self.tb_writer is not None:
+            self.tb_writer.close()
+
+
+def epoch_entry(args, epoch: int, train_stats: dict, test_stats: dict, data: Data, n_parameters: int) -> dict:
+    """The log.txt line of an epoch: train/test meters, memory of every rank, skipped images (all ranks)."""
+    rss = [round(r, 1) for r in utils.all_gather_object(utils.rss_mb())]
+    entry = {**{f'train_{k}': v for k, v in train_stats.items()}, **{f'test_{k}': v for k, v in test_stats.items()},
+             'epoch': epoch, 'n_parameters': n_parameters, 'rss_mb': max(rss), 'rss_mb_ranks': rss}
+    if args.skip_bad_images:
+        mine = getattr(data.train, 'bad_files', set()) | getattr(data.val, 'bad_files', set())
+        skipped = sorted(set().union(*utils.all_gather_object(sorted(mine))))  # distinct files, all ranks
+        entry['skipped_images'] = len(skipped)
+        if skipped:
+            utils.log(f'--skip-bad-images: {len(skipped)} unreadable images skipped so far: '
+                      + ', '.join(skipped[:5]) + (f' (+{len(skipped) - 5} more)' if len(skipped) > 5 else ''))
+    return entry
+
+
+def train_epoch(args, net, state: TrainingState, data: Data, criterion, device, amp_dtype, epoch: int,
+                mid: MidEpoch, stop_requested) -> dict:
+    """Train one epoch (from step `mid.step`); on SIGTERM, save a mid-epoch checkpoint and exit 75."""
+    if mid.step and mid.rng is not None:
+        utils.set_rng_state(mid.rng, data.loader_generator)  # the states right after step `mid.step`
+    else:
+        seed_epoch(args.seed, utils.get_rank(), epoch, data.loader_generator)
+    data.loader_train.sampler.set_epoch(epoch, skip=mid.step * args.batch_size)
+    if mid.step:
+        utils.log(f'Epoch {epoch}: skipping the {mid.step} steps done before the interruption')
+    try:
+        stats, stopped_at, meter_totals = train_one_epoch(
+            net, criterion, data.loader_train, state.optimizer, device, epoch, state.loss_scaler, amp_dtype,
+            args.clip_grad, state.model_ema, data.mixup_fn, set_training_mode=args.train_mode,
+            print_freq=args.print_freq, bce_loss=args.bce_loss, stop_requested=stop_requested, start_step=mid.step,
+            initial_meters=mid.meters if mid.step else None)
+    except NonFiniteLossError as e:
+        utils.fail(str(e), code=3)
+    if stopped_at is not None:
+        save_preempted(args, state, data, epoch, stopped_at, meter_totals)
+    return stats
+
+
+def save_preempted(args, state: TrainingState, data: Data, epoch: int, stopped_at: int, meter_totals: dict):
+    """SIGTERM during `epoch`: save the state after step `stopped_at` (as the last complete epoch plus those
+    steps, with every rank's meters and RNG states), wait for the write, exit 75 on every rank."""
+    if args.output_dir:
+        latest = os.path.join(args.output_dir, 'checkpoint.pth')
+        meters = utils.all_gather_object(meter_totals)  # collectives: every rank takes part
+        rng = utils.all_gather_object(utils.rng_state(data.loader_generator))
+        state.save(latest, resume_step=stopped_at, train_meters=meters, rng=rng)
+        if utils.is_dist_avail_and_initialized():
+            torch.distributed.barrier()  # no rank exits (and gets the launcher to kill rank 0) mid-write
+        utils.log(f'SIGTERM: saved {latest} after step {stopped_at}/{data.steps_per_epoch} of epoch {epoch}. '
+                  'Rerun the same command with --auto_reload to continue from there.')
+        saved = f'; saved at step {stopped_at}/{data.steps_per_epoch}, resumable with --auto_reload'
+    else:
+        saved = '; nothing saved (no --output_dir)'
+    utils.fail(f'preempted (SIGTERM) during epoch {epoch}{saved}', PREEMPTED_EXIT_CODE, ignore_sigterm=True)
+
+
+def save_epoch(args, state: TrainingState, improved: bool):
+    """checkpoint.pth after every epoch; best_checkpoint.pth is that same file (hard link or copy), not a second
+    serialisation."""
+    if not args.output_dir:
         return
-    num_prefix = model.pos_embed.shape[1] - model.patch_embed.num_patches
-    state['pos_embed'] = resample_abs_pos_embed(state['pos_embed'], new_size=model.patch_embed.grid_size,
-                                                num_prefix_tokens=num_prefix)
+    latest = os.path.join(args.output_dir, 'checkpoint.pth')
+    state.save(latest)
+    if improved and utils.is_main_process():
+        utils.publish_copy(latest, os.path.join(args.output_dir, 'best_checkpoint.pth'))
 
 
-def load_finetune(model, path: str, unsafe: bool):
-    state = model_state(load_checkpoint(path, allow_unsafe=unsafe))
-    own = model.state_dict()
-    for k in ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias'):
-        if k in state and k in own and state[k].shape != own[k].shape:
-            utils.log(f'Removing key {k} from the fine-tune checkpoint (another number of classes)')
-            del state[k]
-    interpolate_pos_embed(model, state)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    utils.log(f'Fine-tuning from {path}; newly initialised: {missing}; ignored: {unexpected}')
+def train(args, net, state: TrainingState, data: Data, criterion, device, amp_dtype, mid: MidEpoch):
+    """The epoch loop: train, step the LR schedule, evaluate, log, checkpoint; SIGTERM stops it resumably."""
+    start_epoch = state.epoch + 1
+    run_log = RunLog(args, start_epoch)
+    for stale in utils.remove_stale_temp_files(args.output_dir):
+        utils.log(f'Removed {stale}, left by a checkpoint write that was interrupted')
+    stop_requested = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
+
+    utils.log(f'Start training for {args.epochs} epochs')
+    start_time = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        train_stats = train_epoch(args, net, state, data, criterion, device, amp_dtype, epoch,
+                                  mid if epoch == start_epoch else MidEpoch(), lambda: bool(stop_requested))
+        state.lr_scheduler.step(epoch)
+        test_stats = evaluate(data.loader_val, net, device, amp_dtype, args.print_freq)
+        utils.log(f'Accuracy of the network on the {len(data.val)} test images: {test_stats["acc1"]:.1f}%')
+        improved = test_stats['acc1'] > state.max_accuracy
+        state.epoch, state.max_accuracy = epoch, max(state.max_accuracy, test_stats['acc1'])
+        utils.log(f'Max accuracy: {state.max_accuracy:.2f}%')
+        entry = epoch_entry(args, epoch, train_stats, test_stats, data, count_parameters(state.model))
+        run_log.write(epoch, entry, addon_lambdas(state.model) if run_log.tb_writer is not None else {})
+        save_epoch(args, state, improved)
+        if epoch + 1 < args.epochs and utils.any_rank(bool(stop_requested)):  # after rank 0 wrote the checkpoint
+            utils.fail(f'preempted (SIGTERM) after epoch {epoch}; resumable with --auto_reload', PREEMPTED_EXIT_CODE,
+                       ignore_sigterm=True)
+    run_log.close()
+    utils.log(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
 
 
-def addon_lambdas(model) -> dict:
-    """Mean learned lambda of each add-on layer, for TensorBoard: {'attnscale/block3': value, ...}."""
-    names = {'lamb': 'attnscale', 'lamb1': 'featscale_dc', 'lamb2': 'featscale_hf'}
-    out = {}
-    for name, p in model.named_parameters():
-        match = ADDON_KEY.search(name)
-        if match and name.startswith('blocks.'):
-            out[f'{names[match.group(2)]}/block{name.split(".")[1]}'] = p.detach().float().mean().item()
-    return out
-
+# ---------------------------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------------------------
 
 def seed_epoch(seed: int, rank: int, epoch: int, loader_generator: torch.Generator = None):
     """Seed torch, numpy, python `random` and the training DataLoader's generator from (seed, rank, epoch).
@@ -284,268 +752,31 @@ def one_line(exc: BaseException) -> str:
 
 
 def run(args):
-    utils.init_distributed_mode(args)
-    if args.distillation_type != 'none' and args.finetune and not args.eval:
-        utils.fail('fine-tuning with distillation is not supported; drop --distillation-type or --finetune')
-    device = torch.device(args.device)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        utils.fail('--device cuda but CUDA is not available; pass --device cpu')
-    amp_dtype = getattr(torch, args.amp_dtype or ('float16' if device.type == 'cuda' else 'float32'))
-    if amp_dtype == torch.float16 and device.type != 'cuda':
-        utils.fail('--amp-dtype float16 needs CUDA; use bfloat16 or float32 on CPU')
-    utils.log(json.dumps({k: v for k, v in vars(args).items()}, default=str))
+    """Train or evaluate as the flags say, in named steps: start-up checks, data, model, optimisation, restore,
+    epoch loop. `args` is only read, never changed (a requeued SLURM job calls this again with the same object);
+    the values derived from it (device, learning rate, classes, start epoch) live in what these steps return."""
+    device = utils.init_distributed_mode(args)
+    amp_dtype = check_args(args, device)
+    utils.log(json.dumps(vars(args), default=str))
+    seed_run(args, device)
+    prepare_output_dir(args)
 
-    seed = args.seed + utils.get_rank()
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    if device.type == 'cuda':
-        cudnn.benchmark = True
-    if args.output_dir:
-        try:
-            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            probe = Path(args.output_dir) / f'.write_test.{os.getpid()}'
-            probe.touch()
-            probe.unlink()
-        except OSError as e:
-            utils.fail(f'--output_dir {args.output_dir} is not writable ({e.strerror}); pick another directory')
-
-    try:
-        dataset_train, args.nb_classes = build_dataset(is_train=True, args=args)
-        dataset_val, nb_val = build_dataset(is_train=False, args=args)
-    except DatasetError as e:
-        utils.fail(str(e))
-
-    num_tasks, rank = utils.get_world_size(), utils.get_rank()
-    if args.repeated_aug:
-        sampler_train = RASampler(dataset_train, num_replicas=num_tasks, rank=rank, shuffle=True, seed=args.seed)
-    else:
-        sampler_train = torch.utils.data.DistributedSampler(dataset_train, num_replicas=num_tasks, rank=rank,
-                                                            shuffle=True, seed=args.seed)
-    sampler_train = ResumableSampler(sampler_train)  # can start an epoch after a mid-epoch checkpoint's steps
-    if args.dist_eval and num_tasks > 1:
-        if len(dataset_val) % num_tasks:
-            utils.log('Warning: the validation set does not divide by the number of processes; distributed '
-                      'evaluation pads it with repeated images, which changes the numbers slightly.')
-        sampler_val = torch.utils.data.DistributedSampler(dataset_val, num_replicas=num_tasks, rank=rank,
-                                                          shuffle=False)
-    else:
-        sampler_val = torch.utils.data.SequentialSampler(dataset_val)
-    if not args.eval and not args.throughput and len(sampler_train) < args.batch_size:
-        utils.fail(f'--batch-size {args.batch_size} is larger than the {len(sampler_train)} training images each '
-                   f'of the {num_tasks} processes sees; lower --batch-size')
-
-    loader_kwargs = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == 'cuda',
-                         persistent_workers=args.num_workers > 0)
-    # its own generator: creating an epoch's iterator draws a seed from it, not from the global RNG that
-    # augmentation uses, so a mid-epoch resume continues the global RNG exactly
-    loader_generator = torch.Generator()
-    data_loader_train = torch.utils.data.DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
-                                                    drop_last=True, generator=loader_generator, **loader_kwargs)
-    steps_per_epoch = len(data_loader_train)
-    data_loader_val = torch.utils.data.DataLoader(dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size),
-                                                  drop_last=False, **loader_kwargs)
-
-    mixup_fn = None
-    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
-    if mixup_active:
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                         label_smoothing=args.smoothing, num_classes=args.nb_classes)
-
-    utils.log(f'Creating model: {args.model}')
-    try:
-        model = models.create_model(args.model, num_classes=args.nb_classes, drop_rate=args.drop,
-                                    drop_path_rate=args.drop_path, drop_block_rate=None, img_size=args.input_size,
-                                    **models.parse_model_kwargs(args.model_kwargs))
-    except (ValueError, TypeError) as e:
-        utils.fail(str(e).splitlines()[0] if str(e) else repr(e))
-    if args.finetune:
-        try:
-            load_finetune(model, args.finetune, args.unsafe_load)
-        except CheckpointError as e:
-            utils.fail(str(e))
-    model.to(device)
-    model_without_ddp = model
-
-    model_ema = None
-    if args.model_ema:
-        model_ema = ModelEmaV3(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else None)
-
-    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    utils.log(f'number of params: {n_parameters}')
-    if hasattr(model_without_ddp, 'flops'):
-        utils.log(f'number of GFLOPs: {model_without_ddp.flops() / 1e9}')
-
-    if not args.unscale_lr:
-        args.lr = args.lr * args.batch_size * utils.get_world_size() / 512.0
-    optimizer = create_optimizer_v2(model_without_ddp, **optimizer_kwargs(cfg=args))
-    loss_scaler = torch.amp.GradScaler('cuda') if amp_dtype == torch.float16 else None
-    lr_scheduler, _ = create_scheduler(args, optimizer)
-
-    criterion = build_criterion(args, mixup_active)
-    teacher_model = None
-    if args.distillation_type != 'none':
-        if not args.teacher_path:
-            utils.fail('--distillation-type needs --teacher-path (weights are never downloaded)')
-        teacher_model = models.create_model(args.teacher_model, num_classes=args.nb_classes, global_pool='avg')
-        load_state_dict(teacher_model, model_state(load_checkpoint(args.teacher_path, args.unsafe_load)),
-                        source=args.teacher_path)
-        teacher_model.to(device).eval()
-    criterion = DistillationLoss(criterion, teacher_model, args.distillation_type, args.distillation_alpha,
-                                 args.distillation_tau)
-
-    max_accuracy = 0.0
-    resume_step, resume_meters, resume_rng = 0, None, None  # set by a mid-epoch (preemption) checkpoint
-    resume = resolve_resume(args)
-    if resume:
-        try:
-            ckpt = load_checkpoint(resume, allow_unsafe=args.unsafe_load)
-            absent = load_state_dict(model_without_ddp, model_state(ckpt), allow_missing_addons=True, source=resume)
-        except CheckpointError as e:
-            utils.fail(str(e))
-        if absent:
-            utils.log(f'Initialised from baseline checkpoint {resume}; {len(absent)} add-on parameters start at '
-                      'zero, so the model computes the baseline; fine-tuning from epoch 0')
-        elif not args.eval and all(k in ckpt for k in ('optimizer', 'lr_scheduler', 'epoch')):
-            optimizer.load_state_dict(ckpt['optimizer'])
-            lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
-            args.start_epoch = ckpt['epoch'] + 1
-            if model_ema is not None and ckpt.get('model_ema'):
-                model_ema.module.load_state_dict(model_state({'model': ckpt['model_ema']}))
-            if loss_scaler is not None and ckpt.get('scaler'):
-                loss_scaler.load_state_dict(ckpt['scaler'])
-            max_accuracy = ckpt.get('max_accuracy', 0.0)
-            resume_step, resume_meters, resume_rng = mid_epoch_state(ckpt, args, steps_per_epoch, resume)
-            where = f'step {resume_step}/{steps_per_epoch} of ' if resume_step else ''
-            utils.log(f'Resumed from {resume} (epoch {ckpt["epoch"]}); training continues at {where}epoch '
-                      f'{args.start_epoch}')
-        else:
-            utils.log(f'Loaded weights from {resume}')
-        if model_ema is not None and (absent or 'model_ema' not in ckpt):
-            model_ema.set(model_without_ddp)
-        set_aside_unreadable_latest(args, resume)
-
-    if args.compile:
-        model = torch.compile(model)
-    if args.distributed:
-        ddp_kwargs = dict(device_ids=[args.gpu]) if device.type == 'cuda' else {}
-        model = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+    data = build_data(args)
+    model, model_ema = prepare_model(args, data.nb_classes, device)
+    optimizer, lr_scheduler, loss_scaler = build_optimization(args, model, amp_dtype)
+    criterion = build_training_criterion(args, data, device)
+    state = TrainingState(model, model_ema, optimizer, lr_scheduler, loss_scaler, epoch=args.start_epoch - 1,
+                          run_args=dict(vars(args), world_size=utils.get_world_size()))
+    mid = restore(args, state, data.steps_per_epoch)
+    net = wrap_model(model, args, device)
 
     if args.throughput:
-        throughput(data_loader_val, model, device, amp_dtype)
-        return
-    if args.eval:
-        test_stats = evaluate(data_loader_val, model, device, amp_dtype, args.print_freq)
-        utils.log(f'Accuracy of the network on the {len(dataset_val)} test images: {test_stats["acc1"]:.1f}%')
-        return
-
-    tb_writer = None
-    if args.output_dir and args.log_tensorboard and utils.is_main_process():
-        from torch.utils.tensorboard import SummaryWriter
-        # purge_step hides the events of epochs this run redoes (written before an interruption)
-        tb_writer = SummaryWriter(log_dir=args.output_dir, purge_step=args.start_epoch or None)
-    log_path = os.path.join(args.output_dir, 'log.txt') if args.output_dir else ''
-    log_truncated = False  # log lines of epochs >= start_epoch are dropped at the first append, not before:
-    #                        a run that fails early leaves log.txt as it was
-    for stale in utils.remove_stale_temp_files(args.output_dir):
-        utils.log(f'Removed {stale}, left by a checkpoint write that was interrupted')
-
-    stop_requested = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
-
-    def should_stop():
-        """Whether any rank got SIGTERM (agreed over all ranks, so they stop at the same step)."""
-        flag = torch.tensor([float(bool(stop_requested))])
-        if args.distributed:
-            flag = flag.to(utils._collective_device())
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def checkpoint(epoch, path, **extra):
-        utils.save_on_master({
-            'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
-            'lr_scheduler': lr_scheduler.state_dict(), 'epoch': epoch,
-            'model_ema': model_ema.module.state_dict() if model_ema is not None else None,
-            'scaler': loss_scaler.state_dict() if loss_scaler is not None else None,
-            'max_accuracy': max_accuracy, 'args': {k: v for k, v in vars(args).items()}, **extra,
-        }, path)
-
-    utils.log(f'Start training for {args.epochs} epochs')
-    start_time = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
-        skip = resume_step if epoch == args.start_epoch else 0
-        if skip and resume_rng is not None:
-            utils.set_rng_state(resume_rng, loader_generator)  # the states right after step `skip`
-        else:
-            seed_epoch(args.seed, rank, epoch, loader_generator)
-        data_loader_train.sampler.set_epoch(epoch, skip=skip * args.batch_size)
-        if skip:
-            utils.log(f'Epoch {epoch}: skipping the {skip} steps done before the interruption')
-        try:
-            train_stats, stopped_at, meter_totals = train_one_epoch(
-                model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler, amp_dtype,
-                args.clip_grad, model_ema, mixup_fn, set_training_mode=args.train_mode, print_freq=args.print_freq,
-                bce_loss=args.bce_loss, should_stop=should_stop, start_step=skip,
-                initial_meters=resume_meters if skip else None)
-        except NonFiniteLossError as e:
-            utils.fail(str(e), code=3)
-        if stopped_at is not None:
-            if args.output_dir:  # the state after step `stopped_at`, as the last complete epoch plus those steps
-                latest = os.path.join(args.output_dir, 'checkpoint.pth')
-                checkpoint(epoch - 1, latest, resume_step=stopped_at,
-                           train_meters=utils.all_gather_object(meter_totals),  # per rank, like the RNG states
-                           rng=utils.all_gather_object(utils.rng_state(loader_generator)))
-                if args.distributed:
-                    torch.distributed.barrier()  # no rank exits (and gets the launcher to kill rank 0) mid-write
-                utils.log(f'SIGTERM: saved {latest} after step {stopped_at}/{steps_per_epoch} of epoch {epoch}. '
-                          'Rerun the same command with --auto_reload to continue from there.')
-                saved = f'; saved at step {stopped_at}/{steps_per_epoch}, resumable with --auto_reload'
-            else:
-                saved = '; nothing saved (no --output_dir)'
-            utils.fail(f'preempted (SIGTERM) during epoch {epoch}{saved}', PREEMPTED_EXIT_CODE, ignore_sigterm=True)
-        lr_scheduler.step(epoch)
-
-        test_stats = evaluate(data_loader_val, model, device, amp_dtype, args.print_freq)
-        utils.log(f'Accuracy of the network on the {len(dataset_val)} test images: {test_stats["acc1"]:.1f}%')
-        improved = test_stats['acc1'] > max_accuracy
-        max_accuracy = max(max_accuracy, test_stats['acc1'])
-        utils.log(f'Max accuracy: {max_accuracy:.2f}%')
-
-        rss = [round(r, 1) for r in utils.all_gather_object(utils.rss_mb())]
-        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
-                     **{f'test_{k}': v for k, v in test_stats.items()},
-                     'epoch': epoch, 'n_parameters': n_parameters, 'rss_mb': max(rss), 'rss_mb_ranks': rss}
-        if args.skip_bad_images:
-            mine = getattr(dataset_train, 'bad_files', set()) | getattr(dataset_val, 'bad_files', set())
-            skipped = sorted(set().union(*utils.all_gather_object(sorted(mine))))  # distinct files, all ranks
-            log_stats['skipped_images'] = len(skipped)
-            if skipped:
-                utils.log(f'--skip-bad-images: {len(skipped)} unreadable images skipped so far: '
-                          + ', '.join(skipped[:5]) + (f' (+{len(skipped) - 5} more)' if len(skipped) > 5 else ''))
-        if args.output_dir and utils.is_main_process():
-            if not log_truncated:
-                utils.truncate_log(log_path, args.start_epoch)
-                log_truncated = True
-            utils.append_log(log_path, log_stats)
-            if tb_writer is not None:
-                for tag, value in (('train/loss', train_stats['loss']), ('train/lr', train_stats['lr']),
-                                   ('test/acc1', test_stats['acc1']), ('test/acc5', test_stats['acc5']),
-                                   ('test/loss', test_stats['loss'])):
-                    tb_writer.add_scalar(tag, value, epoch)
-                for tag, value in addon_lambdas(model_without_ddp).items():
-                    tb_writer.add_scalar(f'lambda/{tag}', value, epoch)
-                tb_writer.flush()
-        if args.output_dir:
-            checkpoint(epoch, os.path.join(args.output_dir, 'checkpoint.pth'))
-            if improved:
-                checkpoint(epoch, os.path.join(args.output_dir, 'best_checkpoint.pth'))
-        if epoch + 1 < args.epochs and should_stop():  # agreed by all ranks, after rank 0 wrote the checkpoint
-            utils.fail(f'preempted (SIGTERM) after epoch {epoch}; resumable with --auto_reload', PREEMPTED_EXIT_CODE,
-                       ignore_sigterm=True)
-
-    if tb_writer is not None:
-        tb_writer.close()
-    utils.log(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
+        throughput(data.loader_val, net, device, amp_dtype)
+    elif args.eval:
+        test_stats = evaluate(data.loader_val, net, device, amp_dtype, args.print_freq)
+        utils.log(f'Accuracy of the network on the {len(data.val)} test images: {test_stats["acc1"]:.1f}%')
+    else:
+        train(args, net, state, data, criterion, device, amp_dtype, mid)
 
 
 if __name__ == '__main__':

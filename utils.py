@@ -7,10 +7,12 @@ import glob
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import time
 from collections import defaultdict, deque
+from typing import Optional
 
 import numpy as np
 import torch
@@ -18,16 +20,55 @@ import torch.distributed as dist
 
 
 class SmoothedValue:
-    """A series of values with windowed median/avg and the global average."""
+    """A series of values with windowed median/avg and the global average.
+
+    `update()` takes python numbers or tensors. Tensors (a step's loss, on the GPU) are kept as they are and
+    read in one transfer when a statistic is first needed (a progress line every `print_freq` steps, the end of
+    an epoch), so a training step does not wait for the device to log its loss. The values are added in the
+    order they came, exactly as if each had been read at once.
+    """
 
     def __init__(self, window_size: int = 20, fmt: str = '{median:.4f} ({global_avg:.4f})'):
         self.deque = deque(maxlen=window_size)
-        self.total, self.count, self.fmt = 0.0, 0, fmt
+        self._total, self._count, self.fmt = 0.0, 0, fmt
+        self._pending = []  # (tensor, n) not read yet
 
     def update(self, value, n: int = 1):
+        if isinstance(value, torch.Tensor):
+            self._pending.append((value.detach(), n))
+        else:
+            self._add(value, n)
+
+    def _add(self, value: float, n: int):
         self.deque.append(value)
-        self.count += n
-        self.total += value * n
+        self._count += n
+        self._total += value * n
+
+    def _read_pending(self):
+        if self._pending:
+            pending, self._pending = self._pending, []
+            values = torch.stack([v.reshape(()).float() for v, _ in pending]).tolist()
+            for value, (_, n) in zip(values, pending):
+                self._add(value, n)
+
+    @property
+    def count(self) -> int:
+        self._read_pending()
+        return self._count
+
+    @property
+    def total(self) -> float:
+        self._read_pending()
+        return self._total
+
+    def totals(self) -> tuple:
+        """(count, total) of this process, for a mid-epoch checkpoint."""
+        return self.count, self.total
+
+    def set_totals(self, count: int, total: float):
+        """Continue the global average from a checkpoint's `totals()`."""
+        self._read_pending()
+        self._count, self._total = count, total
 
     def synchronize_between_processes(self):
         """Sum count and total over ranks (the window stays local)."""
@@ -35,14 +76,16 @@ class SmoothedValue:
             return
         t = torch.tensor([self.count, self.total], dtype=torch.float64, device=_collective_device())
         dist.all_reduce(t)
-        self.count, self.total = int(t[0].item()), t[1].item()
+        self._count, self._total = int(t[0].item()), t[1].item()
 
     @property
     def median(self):
+        self._read_pending()
         return torch.tensor(list(self.deque)).median().item()
 
     @property
     def avg(self):
+        self._read_pending()
         return torch.tensor(list(self.deque), dtype=torch.float32).mean().item()
 
     @property
@@ -51,10 +94,12 @@ class SmoothedValue:
 
     @property
     def max(self):
+        self._read_pending()
         return max(self.deque)
 
     @property
     def value(self):
+        self._read_pending()
         return self.deque[-1]
 
     def __str__(self):
@@ -71,7 +116,7 @@ class MetricLogger:
 
     def update(self, **kwargs):
         for k, v in kwargs.items():
-            self.meters[k].update(v.item() if isinstance(v, torch.Tensor) else v)
+            self.meters[k].update(v)
 
     def __getattr__(self, attr):
         if attr in self.__dict__.get('meters', {}):
@@ -189,36 +234,85 @@ def comm_error_message(exc: BaseException, timeout_min: float) -> str:
             'last checkpoint')
 
 
-def init_distributed_mode(args):
-    """Join the process group described by the launcher's environment, if any.
+def launcher_placement(env, local_rank_arg=None) -> Optional[tuple]:
+    """`(rank, world_size, local_rank)` from the launcher's environment, or None for a single process.
 
-    torchrun and `torch.distributed.launch --use_env` set RANK/WORLD_SIZE/LOCAL_RANK; launch without
-    --use_env passes `--local-rank` (then RANK/WORLD_SIZE are still in the environment); SLURM sets
-    SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID. The backend follows the device: nccl on CUDA, gloo else.
-    Sets args.distributed, args.rank, args.world_size, args.gpu.
+    torchrun and `torch.distributed.launch --use_env` set RANK/WORLD_SIZE/LOCAL_RANK; launch without --use_env
+    passes `--local-rank` (RANK/WORLD_SIZE are still in the environment); srun sets SLURM_PROCID/SLURM_NTASKS/
+    SLURM_LOCALID (submitit exports them as RANK/WORLD_SIZE/LOCAL_RANK).
     """
-    env = os.environ
     if 'RANK' in env and 'WORLD_SIZE' in env:
-        args.rank, args.world_size = int(env['RANK']), int(env['WORLD_SIZE'])
-        args.gpu = int(env.get('LOCAL_RANK', args.local_rank or 0))
-    elif 'SLURM_PROCID' in env and int(env.get('SLURM_NTASKS', '1')) > 1:
-        args.rank, args.world_size = int(env['SLURM_PROCID']), int(env['SLURM_NTASKS'])
-        args.gpu = int(env.get('SLURM_LOCALID', 0))
-    else:
-        args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, 0
-        return
-    args.distributed = True
-    _stop_with_launcher()
+        return int(env['RANK']), int(env['WORLD_SIZE']), int(env.get('LOCAL_RANK', local_rank_arg or 0))
+    if 'SLURM_PROCID' in env and int(env.get('SLURM_NTASKS', '1')) > 1:
+        return int(env['SLURM_PROCID']), int(env['SLURM_NTASKS']), int(env.get('SLURM_LOCALID', 0))
+    return None
+
+
+def cuda_device_index(local_rank: int, rank: int, device_count: int) -> int:
+    """The CUDA device of this process: LOCAL_RANK when it indexes a visible device (every GPU of the node
+    visible to every task), else `rank % device_count` (SLURM binding one or a few GPUs per task, e.g.
+    `--gpus-per-task=1`: each task sees its GPU as device 0, and LOCAL_RANK 3 would be an invalid ordinal)."""
+    if device_count < 1:
+        raise ValueError('no CUDA device is visible to this process (check CUDA_VISIBLE_DEVICES and the GPUs '
+                         'SLURM gave the task), or pass --device cpu')
+    return local_rank if 0 <= local_rank < device_count else rank % device_count
+
+
+NCCL_ERROR_HANDLING = {
+    # A failed or timed-out NCCL collective aborts the communicators and ends the process (SIGABRT), instead of
+    # leaving it blocked on the GPU. Timeouts are --dist-timeout; the watchdog checks them in the background.
+    'TORCH_NCCL_ASYNC_ERROR_HANDLING': '1',
+}
+
+
+def configure_nccl_error_handling(env=None) -> dict:
+    """Set NCCL_ERROR_HANDLING in `env` (os.environ) where the user has not chosen otherwise; returns what was set.
+    Must run before the NCCL process group is created (the variables are read then)."""
+    env = os.environ if env is None else env
+    chosen = {k: v for k, v in NCCL_ERROR_HANDLING.items()
+              if k not in env and k.replace('TORCH_', '', 1) not in env}  # NCCL_ASYNC_ERROR_HANDLING: old name
+    env.update(chosen)
+    return chosen
+
+
+def init_distributed_mode(args) -> torch.device:
+    """Join the process group described by the launcher's environment, if any, and return this process's device.
+
+    The backend follows the device: nccl on CUDA (with NCCL_ERROR_HANDLING), gloo else. `args` is only read.
+    """
     use_cuda = args.device.startswith('cuda')
+    if use_cuda and not torch.cuda.is_available():
+        fail('--device cuda but CUDA is not available; pass --device cpu')
+    placement = launcher_placement(os.environ, args.local_rank)
+    if placement is None:
+        return torch.device(args.device)
+    rank, world_size, local_rank = placement
+    _stop_with_launcher()
+    device = torch.device('cpu')
     if use_cuda:
-        torch.cuda.set_device(args.gpu)
+        try:
+            device = torch.device('cuda', cuda_device_index(local_rank, rank, torch.cuda.device_count()))
+        except ValueError as e:
+            fail(str(e))
+        torch.cuda.set_device(device)
+        configure_nccl_error_handling()
     backend = 'nccl' if use_cuda else 'gloo'
     try:
-        dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
-                                rank=args.rank, timeout=datetime.timedelta(minutes=args.dist_timeout))
+        dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=world_size, rank=rank,
+                                timeout=datetime.timedelta(minutes=args.dist_timeout))
     except (RuntimeError, ValueError) as e:  # DistNetworkError/DistStoreError are RuntimeErrors
-        fail(_init_error_message(e, args))
-    log(f'| distributed init (rank {args.rank}/{args.world_size}, backend {backend}): {args.dist_url}')
+        fail(_init_error_message(e, rank, world_size))
+    log(f'| distributed init (rank {rank}/{world_size}, backend {backend}): {args.dist_url}')
+    return device
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on any rank (one all-reduce when distributed)."""
+    if not is_dist_avail_and_initialized():
+        return flag
+    t = torch.tensor([float(flag)], device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _stop_with_launcher():
@@ -238,7 +332,7 @@ def _stop_with_launcher():
         pass
 
 
-def _init_error_message(exc: BaseException, args) -> str:
+def _init_error_message(exc: BaseException, rank: int, world_size: int) -> str:
     """One line for a failed `init_process_group` (port in use, master unreachable, missing variables)."""
     text = ' '.join(str(exc).split())
     port = os.environ.get('MASTER_PORT', '?')
@@ -250,7 +344,7 @@ def _init_error_message(exc: BaseException, args) -> str:
         return (f'cannot join the process group ({text[:200]}); set MASTER_ADDR and MASTER_PORT, or start main.py '
                 f'with torchrun / torch.distributed.launch --use_env')
     if _mentions_timeout(text):
-        return (f'timed out joining the process group at {addr}:{port} (rank {args.rank} of {args.world_size}); '
+        return (f'timed out joining the process group at {addr}:{port} (rank {rank} of {world_size}); '
                 'check that every process was started and that MASTER_ADDR/MASTER_PORT agree, or raise --dist-timeout')
     return f'cannot join the process group at {addr}:{port} ({text[:300]})'
 
@@ -268,6 +362,27 @@ def save_on_master(obj, path: str):
         if delay:
             time.sleep(delay)
         os.fsync(f.fileno())
+    _publish(tmp, path)
+
+
+def publish_copy(src: str, dst: str):
+    """Make `dst` a copy of the checkpoint `src` without serialising it again: a hard link where the file system
+    has them (no bytes written), else a byte copy; atomic, with `dst`'s previous file kept as its `.prev`, as
+    in save_on_master. Sharing an inode is safe because checkpoints are only ever replaced, never modified."""
+    tmp = f'{dst}.tmp.{os.getpid()}'
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:  # no hard links here (some network and FUSE file systems)
+        shutil.copyfile(src, tmp)
+        with open(tmp, 'rb') as f:
+            os.fsync(f.fileno())
+    _publish(tmp, dst)
+
+
+def _publish(tmp: str, path: str):
+    """Rename the finished `tmp` to `path`, after moving the file it replaces to `path`'s `.prev`."""
     if os.path.exists(path):
         os.replace(path, previous_checkpoint(path))
     os.replace(tmp, path)

@@ -5,7 +5,8 @@
 
 Every main.py flag is accepted. Each task exports the torch.distributed environment (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from SLURM and runs main.main(); on preemption or time-out the
-job is requeued and continues from <output_dir>/checkpoint.pth (--auto_reload is forced on).
+job is requeued and continues from <output_dir>/checkpoint.pth (--auto_reload is forced on). Each task
+uses the GPU LOCAL_RANK when it sees that many, else `rank % visible GPUs` (one GPU bound per task).
 """
 import argparse
 import os
@@ -49,10 +50,11 @@ class Trainer:
     def __call__(self):
         import submitit
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        self.args.dist_url = 'env://'
-        trainer.main(self.args)
+        trainer.main(argparse.Namespace(**dict(vars(self.args), dist_url='env://')))
 
     def checkpoint(self):
+        """Requeue with the arguments as parsed: main() never changes them, so the learning rate is scaled once
+        per run, however often the job is requeued (and before or after its first checkpoint)."""
         import submitit
         return submitit.helpers.DelayedSubmission(Trainer(self.args))
 
