@@ -101,7 +101,9 @@ def get_args_parser():
     g.add_argument('--mixup-switch-prob', type=float, default=0.5)
     g.add_argument('--mixup-mode', type=str, default='batch')
     g.add_argument('--eval-crop-ratio', default=0.875, type=float, help='eval resize = input_size / ratio')
-    g.add_argument('--bce-loss', action='store_true')
+    g.add_argument('--bce-loss', action='store_true', help='binary cross-entropy on one-hot or mixup targets (DeiT III)')
+    g.add_argument('--bce-target-thresh', type=float, default=None, metavar='T',
+                   help='with --bce-loss: targets above T become 1, the others 0 (default: targets as they are)')
 
     g = p.add_argument_group('distillation')
     g.add_argument('--teacher-model', default='regnety_160', type=str, metavar='MODEL')
@@ -485,7 +487,7 @@ def run(args):
             train_stats, stopped_at, meter_totals = train_one_epoch(
                 model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler, amp_dtype,
                 args.clip_grad, model_ema, mixup_fn, set_training_mode=args.train_mode, print_freq=args.print_freq,
-                bce_loss=args.bce_loss, should_stop=should_stop, start_step=skip,
+                should_stop=should_stop, start_step=skip,
                 initial_meters=resume_meters if skip else None)
         except NonFiniteLossError as e:
             utils.fail(str(e), code=3)

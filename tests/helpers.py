@@ -1,4 +1,8 @@
-"""Small generated datasets for the tests: learnable, tiny, written as real image files."""
+"""Small generated datasets for the tests (learnable, tiny, written as real image files), and main.py in-process."""
+import argparse
+import contextlib
+import io
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -25,3 +29,21 @@ def make_image_folder(root, num_classes: int = 3, train_per_class: int = 8, val_
                 img[y0:y0 + half, x0:x0 + half, c % 3] = 255
                 Image.fromarray(img).save(folder / f'{split}_{c}_{i}.{fmt}')
     return root
+
+
+def run_main(argv):
+    """main.main() in this process: (exit status, stdout, stderr). An exception other than SystemExit propagates
+    (and fails the test): that is the traceback a user would see."""
+    import main as trainer
+    parser = argparse.ArgumentParser(parents=[trainer.get_args_parser()])
+    out, err = io.StringIO(), io.StringIO()
+    sigterm = signal.getsignal(signal.SIGTERM)
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            trainer.main(parser.parse_args([str(a) for a in argv]))
+    except SystemExit as e:
+        code = e.code
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    return code, out.getvalue(), err.getvalue()

@@ -10,9 +10,7 @@ progress line) and ANTIOVERSMOOTH_SAVE_DELAY (seconds slept inside a checkpoint 
 The bad-input cases run main.main() in this process (one interpreter start instead of one per case); the
 cases where the process boundary matters (DataLoader workers, the launcher, the port) run as subprocesses.
 """
-import argparse
 import contextlib
-import io
 import json
 import os
 import re
@@ -27,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import make_image_folder
+from helpers import make_image_folder, run_main
 
 pytestmark = pytest.mark.reliability
 
@@ -462,24 +460,6 @@ def test_corrupt_latest_checkpoint_falls_back_to_prev(data, reference, tmp_path)
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input: one line naming the problem and the fix, a non-zero exit, nothing in --output_dir touched
 # ---------------------------------------------------------------------------------------------------------------
-
-def run_main(argv, monkeypatch=None):
-    """main.main() in this process: (exit status, stdout, stderr). An exception other than SystemExit propagates
-    (and fails the test): that is the traceback a user would see."""
-    import main as trainer
-    args = argparse.ArgumentParser(parents=[trainer.get_args_parser()]).parse_args([str(a) for a in argv])
-    out, err = io.StringIO(), io.StringIO()
-    sigterm = signal.getsignal(signal.SIGTERM)
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            trainer.main(args)
-    except SystemExit as e:
-        code = e.code
-    finally:
-        signal.signal(signal.SIGTERM, sigterm)
-    return code, out.getvalue(), err.getvalue()
-
 
 @pytest.fixture
 def occupied(tmp_path, reference):
