@@ -168,6 +168,9 @@ def class_folders(split_dir: str) -> list:
     """Sorted class folder names of an ImageFolder split, with clear errors for a missing, flat or empty split."""
     split = os.path.basename(split_dir)
     if not os.path.isdir(split_dir):
+        if split == 'val' and os.path.isdir(os.path.join(os.path.dirname(split_dir), 'train')):
+            raise DatasetError(f'{split_dir} is missing (train/ is there); fix: put the validation images in '
+                               f'val/<class>/, with the class folders of train/ (ImageNet: `{PREPARE_IMAGENET}`)')
         raise DatasetError(f'{split_dir} is missing; fix: --data-path must hold train/<class>/<images> and '
                            f'val/<class>/<images>')
     entries = list(os.scandir(split_dir))
@@ -322,7 +325,8 @@ class INatDataset(ImageListDataset):
             class_to_idx.setdefault(value_of(annotation['category_id']), len(class_to_idx))
         split = 'train' if is_train else 'val'
         path = os.path.join(root, f'{split}{year}.json')
-        images = [_inat_image(root, image['file_name'], path) for image in _inat_annotations(root, split, year)['images']]
+        listed = _inat_annotations(root, split, year)['images']
+        images = [_inat_image(root, image['file_name'], path) for image in listed]
         use_deit_layout = not images or os.path.exists(images[0][0]) or not os.path.exists(images[0][1])
         samples = []
         for deit_path, archive_path, category_id in images:

@@ -6,6 +6,7 @@
 import argparse
 import datetime
 import json
+import math
 import os
 import random
 import signal
@@ -31,6 +32,7 @@ from samplers import RASampler, ResumableSampler
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM after a checkpoint; rerun with --auto_reload
 PEER_LOST_EXIT_CODE = 1  # a collective failed: another rank died, hung or was killed
+DEFAULT_DATA_PATH = '/datasets01/imagenet_full_size/061417/'  # the authors' cluster; kept as the official default
 
 
 def get_args_parser():
@@ -101,7 +103,8 @@ def get_args_parser():
     g.add_argument('--mixup-switch-prob', type=float, default=0.5)
     g.add_argument('--mixup-mode', type=str, default='batch')
     g.add_argument('--eval-crop-ratio', default=0.875, type=float, help='eval resize = input_size / ratio')
-    g.add_argument('--bce-loss', action='store_true', help='binary cross-entropy on one-hot or mixup targets (DeiT III)')
+    g.add_argument('--bce-loss', action='store_true',
+                   help='binary cross-entropy on one-hot or mixup targets (DeiT III)')
     g.add_argument('--bce-target-thresh', type=float, default=None, metavar='T',
                    help='with --bce-loss: targets above T become 1, the others 0 (default: targets as they are)')
 
@@ -115,7 +118,7 @@ def get_args_parser():
     g = p.add_argument_group('data, checkpoints and run')
     g.add_argument('--finetune', default='', help='initialise from a checkpoint (head dropped if sized differently, '
                                                   'pos_embed resized)')
-    g.add_argument('--data-path', default='/datasets01/imagenet_full_size/061417/', type=str)
+    g.add_argument('--data-path', default=DEFAULT_DATA_PATH, type=str)
     g.add_argument('--data-set', default='IMNET100', choices=['CIFAR', 'IMNET', 'IMNET100', 'INAT', 'INAT19'])
     g.add_argument('--inat-category', default='name',
                    choices=['kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name'])
@@ -151,6 +154,49 @@ def get_args_parser():
     g.add_argument('--dist-timeout', type=float, default=10., metavar='MIN',
                    help='minutes a collective waits for a silent rank before the run fails')
     return p
+
+
+def check_args(args):
+    """Fail in one line, before anything starts, on flag values that would otherwise end in a traceback later."""
+    if args.data_path == DEFAULT_DATA_PATH and not os.path.exists(DEFAULT_DATA_PATH):
+        utils.fail(f'no --data-path given (the default {DEFAULT_DATA_PATH} is the authors\' cluster path); fix: pass '
+                   '--data-path <folder with train/ and val/>, or run scripts/demo.sh for a dataset that ships offline')
+    for flag, minimum in (('batch_size', 1), ('input_size', 1), ('epochs', 0), ('num_workers', 0)):
+        if getattr(args, flag) < minimum:
+            utils.fail(f'--{flag.replace("_", "-")} {getattr(args, flag)} must be at least {minimum}; fix: pass a '
+                       f'value >= {minimum}')
+    for flag, value in sorted(vars(args).items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            utils.fail(f'--{flag.replace("_", "-")} {value} is not a finite number; fix: pass a number')
+    for flag in ('resume', 'finetune'):
+        path = getattr(args, flag)
+        if path and os.path.isdir(path):
+            utils.fail(f'--{flag} {path} is a directory; fix: pass the checkpoint file in it, e.g. '
+                       f'{os.path.join(path, "checkpoint.pth")}')
+    check_model(args)
+
+
+def check_model(args):
+    """Build the model on the meta device (no memory, no weights, a fraction of a second), so that an unknown
+    --model or --model-kwargs that do not fit together, such as a width that does not divide into the heads, fail
+    in one line that names the fix, before the dataset is scanned."""
+    try:
+        kwargs = models.parse_model_kwargs(args.model_kwargs)
+        with torch.device('meta'):
+            models.create_model(args.model, img_size=args.input_size, **kwargs)
+    except AssertionError as e:
+        given = ' '.join(args.model_kwargs)
+        if 'divisible by num_heads' not in str(e):
+            utils.fail(f'--model {args.model} --model-kwargs {given}: {e}; fix: change --model-kwargs')
+        with torch.device('meta'):
+            default = models.create_model(args.model)
+        width = kwargs.get('embed_dim', default.embed_dim)
+        heads = [h for h in range(1, 17) if width % h == 0]
+        utils.fail(f'--model-kwargs {given}: the width embed_dim={width} does not split into '
+                   f'num_heads={kwargs.get("num_heads", default.blocks[0].attn.num_heads)} heads; fix: pick num_heads '
+                   f'among {", ".join(map(str, heads))}, or an embed_dim that is a multiple of num_heads')
+    except (ValueError, TypeError) as e:
+        utils.fail(str(e).splitlines()[0] if str(e) else repr(e))
 
 
 def resolve_resume(args) -> str:
@@ -262,6 +308,7 @@ def seed_epoch(seed: int, rank: int, epoch: int, loader_generator: torch.Generat
 def main(args):
     """Run training or evaluation; a collective that fails because another rank died or hung ends the process
     with one line (the launcher names the rank that failed first) instead of a traceback on every rank."""
+    check_args(args)
     try:
         run(args)
     except RuntimeError as e:

@@ -78,7 +78,8 @@ def test_missing_data_path_and_splits(tmp_path):
         build_dataset(True, make_args(tmp_path / 'file'))
     make_image_folder(tmp_path / 'd', num_classes=2, train_per_class=1, val_per_class=1)
     os.rename(tmp_path / 'd' / 'val', tmp_path / 'd' / 'validation')
-    with pytest.raises(DatasetError, match=r'd/val is missing; fix: --data-path must hold train/<class>'):
+    with pytest.raises(DatasetError, match=r'd/val is missing \(train/ is there\); fix: put the validation images '
+                                           r'in val/<class>/'):
         build_dataset(False, make_args(tmp_path / 'd'))
     os.rename(tmp_path / 'd' / 'train', tmp_path / 'd' / 'training')
     with pytest.raises(DatasetError, match=r'd/train is missing'):
