@@ -32,6 +32,7 @@ from samplers import RASampler, ResumableSampler
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM after a checkpoint; rerun with --auto_reload
 PEER_LOST_EXIT_CODE = 1  # a collective failed: another rank died, hung or was killed
+LAUNCHER_GRACE_S = 10  # a rank that lost a peer waits this long for torchrun to stop it (see wait_for_launcher)
 DEFAULT_DATA_PATH = '/datasets01/imagenet_full_size/061417/'  # the authors' cluster; kept as the official default
 
 
@@ -313,10 +314,27 @@ def main(args):
         run(args)
     except RuntimeError as e:
         if utils.is_dist_avail_and_initialized() and utils.is_comm_error(e):
-            utils.fail(utils.comm_error_message(e, args.dist_timeout), PEER_LOST_EXIT_CODE)
+            message = utils.comm_error_message(e, args.dist_timeout)
+            if 'TORCHELASTIC_RUN_ID' in os.environ and not utils._mentions_timeout(str(e)):
+                wait_for_launcher(message)
+            utils.fail(message, PEER_LOST_EXIT_CODE)
         raise
     except DatasetError as e:  # an unreadable image met during training or evaluation
         utils.fail(one_line(e))
+
+
+def wait_for_launcher(message: str):
+    """Under torchrun / torch.distributed.launch, give the launcher LAUNCHER_GRACE_S to stop this rank after it
+    lost the connection to a peer; its SIGTERM ends the wait with the one-line error, as does the end of the wait.
+
+    This rank sees the closed connection at once and would exit within moments. The launcher polls its workers
+    (every 0.1 s, later under load) and reports as root cause the failure it records first, in rank order within
+    one poll: a rank that exits before that poll is named in place of the rank that died. Waiting lets it record
+    the dead rank first. The grace is shorter than the 30 s the launcher leaves a worker between SIGTERM and
+    SIGKILL, so the line is printed even if the launcher's SIGTERM came before the failed collective.
+    """
+    signal.signal(signal.SIGTERM, lambda signum, frame: utils.fail(message, PEER_LOST_EXIT_CODE, ignore_sigterm=True))
+    time.sleep(LAUNCHER_GRACE_S)
 
 
 def one_line(exc: BaseException) -> str:
