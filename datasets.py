@@ -4,8 +4,9 @@ Supported `--data-set` values:
   * IMNET / IMNET100: ImageFolder layout `<data_path>/train/<class>/*` and `<data_path>/val/<class>/*`; the class
     list comes from `train/` and `val/` must have the same class folders.
   * CIFAR: torchvision's CIFAR-100 (python version) already extracted under `<data_path>/cifar-100-python/`.
-  * INAT / INAT19: iNaturalist 2018 / 2019, `<data_path>/{train,val}{2018,2019}.json` (COCO-style `images`,
-    `annotations`, `categories`) with image paths relative to `<data_path>`.
+  * INAT / INAT19: iNaturalist 2018 / 2019 as DeiT reads it: `<data_path>/categories.json`,
+    `<data_path>/{train,val}{2018,2019}.json`, images under `<data_path>/train_val{year}/<category id>/` (DeiT's
+    layout) or where the annotation's `file_name` puts them; class indices as in DeiT (see INatDataset).
 
 Every bad input raises `DatasetError`, a one-line message that names the problem and the fix. An unreadable image
 file raises it too, unless `--skip-bad-images` is set: then the next readable sample is returned instead, a warning
@@ -167,6 +168,9 @@ def class_folders(split_dir: str) -> list:
     """Sorted class folder names of an ImageFolder split, with clear errors for a missing, flat or empty split."""
     split = os.path.basename(split_dir)
     if not os.path.isdir(split_dir):
+        if split == 'val' and os.path.isdir(os.path.join(os.path.dirname(split_dir), 'train')):
+            raise DatasetError(f'{split_dir} is missing (train/ is there); fix: put the validation images in '
+                               f'val/<class>/, with the class folders of train/ (ImageNet: `{PREPARE_IMAGENET}`)')
         raise DatasetError(f'{split_dir} is missing; fix: --data-path must hold train/<class>/<images> and '
                            f'val/<class>/<images>')
     entries = list(os.scandir(split_dir))
@@ -235,68 +239,103 @@ def build_cifar100(data_path: str, is_train: bool, transform) -> datasets.CIFAR1
                            f'fix: extract {CIFAR_URL} into --data-path {data_path} (it is never downloaded)') from exc
 
 
-def _read_json(path: str, year: int) -> dict:
-    """An iNaturalist annotation file, checked for the three COCO-style lists it must have."""
+def _read_json(path: str, what: str, fix: str):
+    """The parsed JSON file at `path` (`what` names it in errors, `fix` says how to get it)."""
     if not os.path.isfile(path):
-        raise DatasetError(f'{path} is missing; fix: put the iNaturalist {year} annotation files train{year}.json '
-                           f'and val{year}.json in --data-path')
+        raise DatasetError(f'{path} is missing; fix: {fix}')
     try:
         with open(path) as f:
-            data = json.load(f)
+            return json.load(f)
     except (OSError, ValueError) as exc:
-        raise DatasetError(f'{path} is not valid JSON ({exc}); fix: download the annotation file again') from exc
-    missing = [key for key in ('images', 'annotations', 'categories') if key not in data]
+        raise DatasetError(f'{path} is not valid JSON ({exc}); fix: download {what} again') from exc
+
+
+def inat_categories(root: str, level: str) -> list:
+    """`<root>/categories.json` as DeiT reads it: entry i is category id i; returns each id's value at `level`."""
+    path = os.path.join(root, 'categories.json')
+    categories = _read_json(path, "iNaturalist's categories.json",
+                            "put iNaturalist's categories.json (the list of categories with their taxonomy) in "
+                            "--data-path, next to the annotation files")
+    if not isinstance(categories, list) or not all(isinstance(c, dict) for c in categories):
+        raise DatasetError(f'{path} is not a list of categories; fix: use the official iNaturalist categories.json')
+    values = []
+    for position, cat in enumerate(categories):
+        if cat.get('id', position) != position:
+            raise DatasetError(f'{path}: entry {position} has id {cat["id"]}, but category ids index this list; fix: '
+                               'use the official categories.json (sorted by id, ids 0, 1, 2, ...)')
+        if level not in cat:
+            fields = sorted(k for k in cat if k != 'id')
+            raise DatasetError(f'category {position} in {path} has no {level!r} field; fix: choose --inat-category '
+                               f'from {", ".join(fields)}')
+        values.append(cat[level])
+    return values
+
+
+def _inat_annotations(root: str, split: str, year: int) -> dict:
+    """`<root>/<split><year>.json`, checked for the lists DeiT reads."""
+    path = os.path.join(root, f'{split}{year}.json')
+    data = _read_json(path, f'the iNaturalist {year} annotation file',
+                      f'put the iNaturalist {year} annotation files train{year}.json and val{year}.json in --data-path')
+    missing = [key for key in ('images', 'annotations') if key not in data]
     if missing:
-        raise DatasetError(f'{path} has no {", ".join(missing)} list; fix: use the official iNaturalist '
-                           f'{year} annotation file')
+        raise DatasetError(f'{path} has no {", ".join(missing)} list; fix: use the official iNaturalist {year} '
+                           'annotation file')
     return data
 
 
-def _category_levels(data: dict, level: str, path: str) -> dict:
-    """category id -> its name at `level` (e.g. 'genus'), for every category of an annotation file."""
-    levels = {}
-    for cat in data['categories']:
-        if level not in cat:
-            fields = sorted(k for k in cat if k != 'id')
-            raise DatasetError(f'category {cat.get("id")} in {path} has no {level!r} field; fix: choose '
-                               f'--inat-category from {", ".join(fields)}')
-        levels[cat['id']] = cat[level]
-    return levels
+def _inat_image(root: str, file_name: str, path: str) -> tuple:
+    """(DeiT's location, the extracted archive's location, category id) of an image's `file_name`.
+
+    iNaturalist names an image `train_val2018/<supercategory>/<category id>/<file>`; DeiT reads it from
+    `<root>/train_val2018/<category id>/<file>` (no supercategory folder) and takes its label from the id folder.
+    """
+    parts = file_name.split('/')
+    if len(parts) != 4 or not parts[2].isdigit():
+        raise DatasetError(f'{path}: file_name {file_name!r} is not <folder>/<supercategory>/<category id>/<file>; '
+                           'fix: use the official iNaturalist annotation file')
+    deit = os.path.join(root, parts[0], parts[2], parts[3])
+    return deit, os.path.join(root, file_name), int(parts[2])
 
 
 class INatDataset(ImageListDataset):
-    """iNaturalist 2018 / 2019 at one taxonomic level (`--inat-category`).
+    """iNaturalist 2018 / 2019 at one taxonomic level (`--inat-category`), labelled exactly as DeiT labels it.
 
-    Classes are the sorted distinct names at that level among the categories of `train<year>.json`, so the
-    train and val splits share indices. Image paths are the json's `file_name`s, relative to `root`.
+    Files in `root`: `categories.json` (entry i = category id i, with its taxonomy), `train<year>.json` and
+    `val<year>.json` (the official annotation files). Class index of a value at `category` level = the order in
+    which the value first occurs when walking the `annotations` of `train<year>.json` (not sorted), so official
+    iNat checkpoints evaluate with their own labels. Each split's samples are its json's `images`, in order; an
+    image's category is the `<category id>` folder of its `file_name`. Images are read from DeiT's layout
+    `<root>/<folder>/<category id>/<file>`, or, when the first image is not there, from the extracted archive's
+    `<root>/<file_name>`.
     """
 
     def __init__(self, root: str, is_train: bool, year: int, category: str, transform=None,
                  skip_bad_images: bool = False):
-        train_path = os.path.join(root, f'train{year}.json')
-        train_levels = _category_levels(_read_json(train_path, year), category, train_path)
-        classes = sorted(set(train_levels.values()))
-        class_to_idx = {name: i for i, name in enumerate(classes)}
+        values = inat_categories(root, category)
 
-        path = train_path if is_train else os.path.join(root, f'val{year}.json')
-        data = _read_json(path, year)
-        levels = train_levels if is_train else _category_levels(data, category, path)
-        image_category = {a['image_id']: a['category_id'] for a in data['annotations']}
+        def value_of(category_id):
+            if not isinstance(category_id, int) or not 0 <= category_id < len(values):
+                raise DatasetError(f'category id {category_id!r} in the iNaturalist {year} files of {root} is not '
+                                   f'an entry of categories.json ({len(values)} entries); fix: use the '
+                                   'categories.json of the same release')
+            return values[category_id]
+
+        class_to_idx = {}
+        for annotation in _inat_annotations(root, 'train', year)['annotations']:
+            class_to_idx.setdefault(value_of(annotation['category_id']), len(class_to_idx))
+        split = 'train' if is_train else 'val'
+        path = os.path.join(root, f'{split}{year}.json')
+        listed = _inat_annotations(root, split, year)['images']
+        images = [_inat_image(root, image['file_name'], path) for image in listed]
+        use_deit_layout = not images or os.path.exists(images[0][0]) or not os.path.exists(images[0][1])
         samples = []
-        for image in data['images']:
-            if image['id'] not in image_category:
-                raise DatasetError(f'image {image["id"]} ({image["file_name"]}) in {path} has no annotation; '
-                                   f'fix: use the official iNaturalist {year} annotation file')
-            category_id = image_category[image['id']]
-            if category_id not in levels:
-                raise DatasetError(f'category id {category_id} of image {image["id"]} is not listed in the '
-                                   f'categories of {path}; fix: use the official iNaturalist {year} annotation file')
-            name = levels[category_id]
-            if name not in class_to_idx:
-                raise DatasetError(f'{category} {name!r} in {path} does not occur in {train_path}; fix: use train '
-                                   f'and val annotation files of the same release')
-            samples.append((os.path.join(root, image['file_name']), class_to_idx[name]))
-        super().__init__(root, samples, classes, transform, skip_bad_images)
+        for deit_path, archive_path, category_id in images:
+            value = value_of(category_id)
+            if value not in class_to_idx:
+                raise DatasetError(f'{category} {value!r} of {archive_path} does not occur in the annotations of '
+                                   f'train{year}.json; fix: use train and val annotation files of the same release')
+            samples.append((deit_path if use_deit_layout else archive_path, class_to_idx[value]))
+        super().__init__(root, samples, list(class_to_idx), transform, skip_bad_images)
 
 
 def build_dataset(is_train: bool, args):

@@ -47,7 +47,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
                     loss_scaler: Optional[torch.amp.GradScaler] = None, amp_dtype: torch.dtype = torch.float32,
                     max_norm: Optional[float] = None, model_ema=None, mixup_fn: Optional[Mixup] = None,
-                    set_training_mode: bool = True, print_freq: int = 10, bce_loss: bool = False,
+                    set_training_mode: bool = True, print_freq: int = 10,
                     stop_requested=lambda: False, start_step: int = 0, initial_meters: Optional[dict] = None):
     """One pass over `data_loader` (which starts at step `start_step` of the epoch when resuming mid-epoch).
 
@@ -76,8 +76,6 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
-        if bce_loss:
-            targets = targets.gt(0.0).type(targets.dtype)
 
         with autocast(device, amp_dtype):
             outputs = model(samples)

@@ -10,11 +10,15 @@ def build_criterion(args, mixup_active: bool) -> torch.nn.Module:
     """The base criterion, selected as in the official script.
 
     Mixup/CutMix targets are dense, so they need SoftTargetCrossEntropy; otherwise label smoothing CE when
-    `args.smoothing > 0`, else plain CE. `args.bce_loss` (default False) swaps the first two for timm's
-    BinaryCrossEntropy (DeiT III), with `args.smoothing` applied to hard labels when mixup is off.
+    `args.smoothing > 0`, else plain CE. `args.bce_loss` (default False) uses timm's BinaryCrossEntropy instead
+    (DeiT III), which takes the targets as they come: class indices become one-hot rows smoothed by
+    `args.smoothing` (off value smoothing / C, on value 1 - smoothing + smoothing / C); Mixup's soft rows (already
+    smoothed by Mixup) are used unchanged. `args.bce_target_thresh` (default None) then sets every target above
+    it to 1 and the rest to 0.
     """
     if getattr(args, 'bce_loss', False):
-        return BinaryCrossEntropy(smoothing=0.0 if mixup_active else args.smoothing)
+        return BinaryCrossEntropy(smoothing=0.0 if mixup_active else args.smoothing,
+                                  target_threshold=getattr(args, 'bce_target_thresh', None))
     if mixup_active:
         return SoftTargetCrossEntropy()
     if args.smoothing > 0:

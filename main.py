@@ -6,6 +6,7 @@
 import argparse
 import datetime
 import json
+import math
 import os
 import random
 import signal
@@ -33,6 +34,8 @@ from samplers import RASampler, ResumableSampler
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM after a checkpoint; rerun with --auto_reload
 PEER_LOST_EXIT_CODE = 1  # a collective failed: another rank died, hung or was killed
+LAUNCHER_GRACE_S = 10  # a rank that lost a peer waits this long for torchrun to stop it (see wait_for_launcher)
+DEFAULT_DATA_PATH = '/datasets01/imagenet_full_size/061417/'  # the authors' cluster; kept as the official default
 
 
 def get_args_parser():
@@ -103,7 +106,10 @@ def get_args_parser():
     g.add_argument('--mixup-switch-prob', type=float, default=0.5)
     g.add_argument('--mixup-mode', type=str, default='batch')
     g.add_argument('--eval-crop-ratio', default=0.875, type=float, help='eval resize = input_size / ratio')
-    g.add_argument('--bce-loss', action='store_true')
+    g.add_argument('--bce-loss', action='store_true',
+                   help='binary cross-entropy on one-hot or mixup targets (DeiT III)')
+    g.add_argument('--bce-target-thresh', type=float, default=None, metavar='T',
+                   help='with --bce-loss: targets above T become 1, the others 0 (default: targets as they are)')
 
     g = p.add_argument_group('distillation')
     g.add_argument('--teacher-model', default='regnety_160', type=str, metavar='MODEL')
@@ -115,7 +121,7 @@ def get_args_parser():
     g = p.add_argument_group('data, checkpoints and run')
     g.add_argument('--finetune', default='', help='initialise from a checkpoint (head dropped if sized differently, '
                                                   'pos_embed resized)')
-    g.add_argument('--data-path', default='/datasets01/imagenet_full_size/061417/', type=str)
+    g.add_argument('--data-path', default=DEFAULT_DATA_PATH, type=str)
     g.add_argument('--data-set', default='IMNET100', choices=['CIFAR', 'IMNET', 'IMNET100', 'INAT', 'INAT19'])
     g.add_argument('--inat-category', default='name',
                    choices=['kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name'])
@@ -157,35 +163,72 @@ def get_args_parser():
 # Start-up: checks that need no data
 # ---------------------------------------------------------------------------------------------------------------
 
-def check_args(args, device: torch.device) -> torch.dtype:
-    """Fail in one line on flags that cannot work together, before any data is read; return the autocast dtype
-    (--amp-dtype, else float16 on CUDA and float32, i.e. no autocast, elsewhere)."""
-    if args.distillation_type != 'none':
-        if args.finetune and not args.eval:
-            utils.fail('fine-tuning with distillation is not supported; drop --distillation-type or --finetune')
-        if not args.teacher_path:
-            utils.fail('--distillation-type needs --teacher-path (weights are never downloaded)')
-        if not has_distillation_head(args):
-            utils.fail(f'--distillation-type {args.distillation_type} needs a model with a distillation head, such as '
-                       f'deit_tiny_distilled_patch16_224; {args.model} has none: pick a *_distilled_* model or drop '
-                       '--distillation-type')
+def check_args(args):
+    """Fail in one line, before anything starts, on flag values that would otherwise end in a traceback later,
+    and on flags that cannot work together."""
+    if args.data_path == DEFAULT_DATA_PATH and not os.path.exists(DEFAULT_DATA_PATH):
+        utils.fail(f'no --data-path given (the default {DEFAULT_DATA_PATH} is the authors\' cluster path); fix: pass '
+                   '--data-path <folder with train/ and val/>, or run scripts/demo.sh for a dataset that ships offline')
+    for flag, minimum in (('batch_size', 1), ('input_size', 1), ('epochs', 0), ('num_workers', 0)):
+        if getattr(args, flag) < minimum:
+            utils.fail(f'--{flag.replace("_", "-")} {getattr(args, flag)} must be at least {minimum}; fix: pass a '
+                       f'value >= {minimum}')
+    for flag, value in sorted(vars(args).items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            utils.fail(f'--{flag.replace("_", "-")} {value} is not a finite number; fix: pass a number')
+    for flag in ('resume', 'finetune'):
+        path = getattr(args, flag)
+        if path and os.path.isdir(path):
+            utils.fail(f'--{flag} {path} is a directory; fix: pass the checkpoint file in it, e.g. '
+                       f'{os.path.join(path, "checkpoint.pth")}')
+    check_distillation(args, check_model(args))
+
+
+def check_model(args) -> torch.nn.Module:
+    """Build the model on the meta device (no memory, no weights, a fraction of a second) and return it, so that an
+    unknown --model or --model-kwargs that do not fit together, such as a width that does not divide into the
+    heads, fail in one line that names the fix, before the dataset is scanned."""
+    try:
+        kwargs = models.parse_model_kwargs(args.model_kwargs)
+        with torch.device('meta'):
+            return models.create_model(args.model, img_size=args.input_size, **kwargs)
+    except AssertionError as e:
+        given = ' '.join(args.model_kwargs)
+        if 'divisible by num_heads' not in str(e):
+            utils.fail(f'--model {args.model} --model-kwargs {given}: {e}; fix: change --model-kwargs')
+        with torch.device('meta'):
+            default = models.create_model(args.model)
+        width = kwargs.get('embed_dim', default.embed_dim)
+        heads = [h for h in range(1, 17) if width % h == 0]
+        utils.fail(f'--model-kwargs {given}: the width embed_dim={width} does not split into '
+                   f'num_heads={kwargs.get("num_heads", default.blocks[0].attn.num_heads)} heads; fix: pick num_heads '
+                   f'among {", ".join(map(str, heads))}, or an embed_dim that is a multiple of num_heads')
+    except (ValueError, TypeError) as e:
+        utils.fail(str(e).splitlines()[0] if str(e) else repr(e))
+
+
+def check_distillation(args, probe: torch.nn.Module):
+    """--distillation-type needs a teacher file and a model with a distillation token and head (timm's
+    `set_distilled_training`), which `probe`, the weightless copy of the model, tells. An add-on (AttnScale /
+    FeatScale) keeps the class of the model it is applied to."""
+    if args.distillation_type == 'none':
+        return
+    if args.finetune and not args.eval:
+        utils.fail('fine-tuning with distillation is not supported; drop --distillation-type or --finetune')
+    if not args.teacher_path:
+        utils.fail('--distillation-type needs --teacher-path (weights are never downloaded)')
+    if not hasattr(probe, 'set_distilled_training'):
+        utils.fail(f'--distillation-type {args.distillation_type} needs a model with a distillation head, such as '
+                   f'deit_tiny_distilled_patch16_224; {args.model} has none: pick a *_distilled_* model or drop '
+                   '--distillation-type')
+
+
+def autocast_dtype(args, device: torch.device) -> torch.dtype:
+    """--amp-dtype, else float16 on CUDA and float32 (i.e. no autocast) elsewhere."""
     amp_dtype = getattr(torch, args.amp_dtype or ('float16' if device.type == 'cuda' else 'float32'))
     if amp_dtype == torch.float16 and device.type != 'cuda':
         utils.fail('--amp-dtype float16 needs CUDA; use bfloat16 or float32 on CPU')
     return amp_dtype
-
-
-def has_distillation_head(args) -> bool:
-    """Whether `args.model` has a distillation token and head (timm's `set_distilled_training`), checked on a
-    weightless copy built on the meta device: no memory, no data needed. An add-on (AttnScale/FeatScale) keeps the
-    class of the model it is applied to, so the plain model answers for it."""
-    try:
-        with torch.device('meta'):
-            probe = models.create_model(args.model, num_classes=2, img_size=args.input_size,
-                                        **models.parse_model_kwargs(args.model_kwargs))
-    except (ValueError, TypeError) as e:
-        utils.fail(str(e).splitlines()[0] if str(e) else repr(e))
-    return hasattr(probe, 'set_distilled_training')
 
 
 def seed_run(args, device: torch.device):
@@ -637,7 +680,7 @@ def train_epoch(args, net, state: TrainingState, data: Data, criterion, device, 
         stats, stopped_at, meter_totals = train_one_epoch(
             net, criterion, data.loader_train, state.optimizer, device, epoch, state.loss_scaler, amp_dtype,
             args.clip_grad, state.model_ema, data.mixup_fn, set_training_mode=args.train_mode,
-            print_freq=args.print_freq, bce_loss=args.bce_loss, stop_requested=stop_requested, start_step=mid.step,
+            print_freq=args.print_freq, stop_requested=stop_requested, start_step=mid.step,
             initial_meters=mid.meters if mid.step else None)
     except NonFiniteLossError as e:
         utils.fail(str(e), code=3)
@@ -728,14 +771,32 @@ def seed_epoch(seed: int, rank: int, epoch: int, loader_generator: torch.Generat
 def main(args):
     """Run training or evaluation; a collective that fails because another rank died or hung ends the process
     with one line (the launcher names the rank that failed first) instead of a traceback on every rank."""
+    check_args(args)
     try:
         run(args)
     except RuntimeError as e:
         if utils.is_dist_avail_and_initialized() and utils.is_comm_error(e):
-            utils.fail(utils.comm_error_message(e, args.dist_timeout), PEER_LOST_EXIT_CODE)
+            message = utils.comm_error_message(e, args.dist_timeout)
+            if 'TORCHELASTIC_RUN_ID' in os.environ and not utils._mentions_timeout(str(e)):
+                wait_for_launcher(message)
+            utils.fail(message, PEER_LOST_EXIT_CODE)
         raise
     except DatasetError as e:  # an unreadable image met during training or evaluation
         utils.fail(one_line(e))
+
+
+def wait_for_launcher(message: str):
+    """Under torchrun / torch.distributed.launch, give the launcher LAUNCHER_GRACE_S to stop this rank after it
+    lost the connection to a peer; its SIGTERM ends the wait with the one-line error, as does the end of the wait.
+
+    This rank sees the closed connection at once and would exit within moments. The launcher polls its workers
+    (every 0.1 s, later under load) and reports as root cause the failure it records first, in rank order within
+    one poll: a rank that exits before that poll is named in place of the rank that died. Waiting lets it record
+    the dead rank first. The grace is shorter than the 30 s the launcher leaves a worker between SIGTERM and
+    SIGKILL, so the line is printed even if the launcher's SIGTERM came before the failed collective.
+    """
+    signal.signal(signal.SIGTERM, lambda signum, frame: utils.fail(message, PEER_LOST_EXIT_CODE, ignore_sigterm=True))
+    time.sleep(LAUNCHER_GRACE_S)
 
 
 def one_line(exc: BaseException) -> str:
@@ -756,7 +817,7 @@ def run(args):
     epoch loop. `args` is only read, never changed (a requeued SLURM job calls this again with the same object);
     the values derived from it (device, learning rate, classes, start epoch) live in what these steps return."""
     device = utils.init_distributed_mode(args)
-    amp_dtype = check_args(args, device)
+    amp_dtype = autocast_dtype(args, device)
     utils.log(json.dumps(vars(args), default=str))
     seed_run(args, device)
     prepare_output_dir(args)

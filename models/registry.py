@@ -50,7 +50,7 @@ def list_variants() -> list:
 def create_model(name: str, **kwargs):
     """`timm.create_model` that fails on an unknown name with the closest registered names."""
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, list_variants() + timm.list_models(), n=5, cutoff=0.5)
+        close = difflib.get_close_matches(name, sorted(set(list_variants() + timm.list_models())), n=5, cutoff=0.5)
         hint = f'; closest: {", ".join(close)}' if close else ''
         raise ValueError(f'unknown model {name!r}{hint} (python main.py --list-models prints them all)')
     return timm.create_model(name, **kwargs)

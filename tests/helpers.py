@@ -1,4 +1,12 @@
-"""Small generated datasets for the tests: learnable, tiny, written as real image files."""
+"""Small generated datasets for the tests (learnable, tiny, written as real image files), and main.py in-process."""
+import argparse
+import contextlib
+import fcntl
+import io
+import random
+import signal
+import socket
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,3 +33,50 @@ def make_image_folder(root, num_classes: int = 3, train_per_class: int = 8, val_
                 img[y0:y0 + half, x0:x0 + half, c % 3] = 255
                 Image.fromarray(img).save(folder / f'{split}_{c}_{i}.{fmt}')
     return root
+
+
+# Below Linux's ephemeral range (32768-60999), so the kernel never hands one of these to a bind(0) or an outgoing
+# connection (gloo's, another run's) between the choice and the launcher's bind; below 29500, torch's default
+# master port and the fixed ports of the scripts.
+PORT_RANGE = (20000, 29500)
+_reserved = []  # lock files of the ports this test process holds, until it exits
+
+
+def free_port() -> int:
+    """A port for --master_port / MASTER_PORT that no other user of this function on the machine gets: each port is
+    reserved by an exclusive lock on a file in the temp folder, held until this process exits (so also never
+    handed out twice in one pytest run), and checked to be free of listeners when chosen."""
+    folder = Path(tempfile.gettempdir()) / 'antioversmooth-test-ports'
+    folder.mkdir(exist_ok=True)
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        port = rng.randrange(*PORT_RANGE)
+        lock = open(folder / str(port), 'w')
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with socket.socket() as probe:
+                probe.bind(('', port))
+        except OSError:  # reserved by another test process, or in use
+            lock.close()
+            continue
+        _reserved.append(lock)
+        return port
+    raise RuntimeError(f'no free port in {PORT_RANGE}')
+
+
+def run_main(argv):
+    """main.main() in this process: (exit status, stdout, stderr). An exception other than SystemExit propagates
+    (and fails the test): that is the traceback a user would see."""
+    import main as trainer
+    parser = argparse.ArgumentParser(parents=[trainer.get_args_parser()])
+    out, err = io.StringIO(), io.StringIO()
+    sigterm = signal.getsignal(signal.SIGTERM)
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            trainer.main(parser.parse_args([str(a) for a in argv]))
+    except SystemExit as e:
+        code = e.code
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    return code, out.getvalue(), err.getvalue()

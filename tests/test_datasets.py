@@ -78,7 +78,8 @@ def test_missing_data_path_and_splits(tmp_path):
         build_dataset(True, make_args(tmp_path / 'file'))
     make_image_folder(tmp_path / 'd', num_classes=2, train_per_class=1, val_per_class=1)
     os.rename(tmp_path / 'd' / 'val', tmp_path / 'd' / 'validation')
-    with pytest.raises(DatasetError, match=r'd/val is missing; fix: --data-path must hold train/<class>'):
+    with pytest.raises(DatasetError, match=r'd/val is missing \(train/ is there\); fix: put the validation images '
+                                           r'in val/<class>/'):
         build_dataset(False, make_args(tmp_path / 'd'))
     os.rename(tmp_path / 'd' / 'train', tmp_path / 'd' / 'training')
     with pytest.raises(DatasetError, match=r'd/train is missing'):
@@ -176,49 +177,92 @@ def test_cifar_missing_never_downloads(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def make_inat(root, year=2018):
-    """3 categories in 2 genera; 4 train and 2 val images whose paths follow iNaturalist's file_name layout."""
-    categories = [dict(id=0, name='Apis mellifera', genus='Apis', kingdom='Animalia'),
-                  dict(id=1, name='Apis cerana', genus='Apis', kingdom='Animalia'),
-                  dict(id=2, name='Bombus terrestris', genus='Bombus', kingdom='Animalia')]
-    splits = {'train': [0, 1, 2, 2], 'val': [2, 0]}
-    for split, cats in splits.items():
+INAT_CATEGORIES = [dict(id=0, name='Apis mellifera', genus='Apis', kingdom='Animalia', supercategory='Insecta'),
+                   dict(id=1, name='Bombus terrestris', genus='Bombus', kingdom='Animalia', supercategory='Insecta'),
+                   dict(id=2, name='Apis cerana', genus='Apis', kingdom='Animalia', supercategory='Insecta'),
+                   dict(id=3, name='Quercus robur', genus='Quercus', kingdom='Plantae', supercategory='Plantae')]
+
+
+def make_inat(root, year=2018, layout='deit'):
+    """A tiny iNaturalist tree: categories.json, train/val<year>.json and the images, in DeiT's layout
+    (`train_val<year>/<category id>/<file>`) or the archive's (`train_val<year>/<supercategory>/<id>/<file>`).
+
+    The train annotations meet the categories in the order 3, 0, 2, 1 (not by id, not by name), so labels that
+    follow DeiT (order of first occurrence) differ from sorted names and from ids. Train images are listed in
+    another order than their annotations. Returns {split: [category id of each listed image]}.
+    """
+    (root / 'categories.json').write_text(json.dumps(INAT_CATEGORIES))
+    annotated = {'train': [3, 0, 2, 1, 3, 0], 'val': [1, 3, 2, 0]}
+    listed = {'train': [5, 4, 3, 2, 1, 0], 'val': [0, 1, 2, 3]}  # image order in the json, by annotation number
+    cats = {}
+    for split, ids in annotated.items():
         images, annotations = [], []
-        for i, cat in enumerate(cats):
-            file_name = f'{split}_val{year}/Insecta/{cat}/{split}{i}.jpg'
-            (root / file_name).parent.mkdir(parents=True, exist_ok=True)
-            rgb_image(24, seed=i).save(root / file_name)
+        for i, cat in enumerate(ids):
+            file_name = f'train_val{year}/{INAT_CATEGORIES[cat]["supercategory"]}/{cat}/{split}{i}.jpg'
+            folder, supercategory, cat_id, name = file_name.split('/')
+            on_disk = root / (file_name if layout == 'archive' else f'{folder}/{cat_id}/{name}')
+            on_disk.parent.mkdir(parents=True, exist_ok=True)
+            rgb_image(24, seed=i).save(on_disk)
             images.append(dict(id=100 + i, file_name=file_name))
             annotations.append(dict(id=i, image_id=100 + i, category_id=cat))
-        (root / f'{split}{year}.json').write_text(
-            json.dumps(dict(images=images, annotations=annotations, categories=categories)))
+        images = [images[i] for i in listed[split]]
+        cats[split] = [ids[i] for i in listed[split]]
+        (root / f'{split}{year}.json').write_text(json.dumps(dict(images=images, annotations=annotations)))
+    return cats
 
 
 @pytest.mark.parametrize('data_set,year', [('INAT', 2018), ('INAT19', 2019)])
-def test_inat_levels(tmp_path, data_set, year):
-    make_inat(tmp_path, year)
+def test_inat_labels_follow_deit(tmp_path, data_set, year):
+    """Class index = order of first occurrence in train<year>.json's annotations, at every level; each image's
+    label comes from the category id folder of its file_name; DeiT's folder layout is read."""
+    cats = make_inat(tmp_path, year)
     args = make_args(tmp_path, data_set=data_set, input_size=32)
     train, nb_classes = build_dataset(True, args)
     val, _ = build_dataset(False, args)
-    assert nb_classes == 3 and len(train) == 4 and len(val) == 2
-    assert train.classes == ['Apis cerana', 'Apis mellifera', 'Bombus terrestris']
-    assert train.targets == [1, 0, 2, 2] and val.targets == [2, 1]
+    assert nb_classes == 4 and train.classes == ['Quercus robur', 'Apis mellifera', 'Apis cerana', 'Bombus terrestris']
+    index = {0: 1, 1: 3, 2: 2, 3: 0}  # category id -> class index at the 'name' level
+    assert train.targets == [index[c] for c in cats['train']] == [1, 0, 3, 2, 1, 0]
+    assert val.targets == [index[c] for c in cats['val']] == [3, 0, 2, 1]
+    assert [os.path.relpath(p, tmp_path) for p, _ in val.samples][:2] == [f'train_val{year}/1/val0.jpg',
+                                                                         f'train_val{year}/3/val1.jpg']
     assert val[0][0].shape == (3, 32, 32)
 
-    genus_train, genus_classes = build_dataset(True, make_args(tmp_path, data_set=data_set, inat_category='genus'))
-    genus_val, _ = build_dataset(False, make_args(tmp_path, data_set=data_set, inat_category='genus'))
-    assert genus_classes == 2 and genus_train.targets == [0, 0, 1, 1] and genus_val.targets == [1, 0]
+    for level, classes, targets in (('genus', ['Quercus', 'Apis', 'Bombus'], [1, 0, 2, 1, 1, 0]),
+                                    ('kingdom', ['Plantae', 'Animalia'], [1, 0, 1, 1, 1, 0]),
+                                    ('supercategory', ['Plantae', 'Insecta'], [1, 0, 1, 1, 1, 0])):
+        level_train, level_classes = build_dataset(True, make_args(tmp_path, data_set=data_set, inat_category=level))
+        assert (level_train.classes, level_classes, level_train.targets) == (classes, len(classes), targets), level
+
+
+def test_inat_reads_the_archive_layout_too(tmp_path):
+    """Images left where the extracted archive puts them (with the supercategory folder) are found as well."""
+    cats = make_inat(tmp_path, layout='archive')
+    val, _ = build_dataset(False, make_args(tmp_path, data_set='INAT'))
+    assert os.path.relpath(val.samples[0][0], tmp_path) == 'train_val2018/Insecta/1/val0.jpg'
+    assert val.targets == [3, 0, 2, 1] and len(cats['val']) == 4
+    assert val[3][0].shape == (3, 32, 32)
 
 
 def test_inat_errors(tmp_path):
-    with pytest.raises(DatasetError, match=r'train2018.json is missing; fix: put the iNaturalist 2018 annotation'):
+    with pytest.raises(DatasetError, match=r"categories.json is missing; fix: put iNaturalist's categories.json"):
         build_dataset(True, make_args(tmp_path, data_set='INAT'))
     make_inat(tmp_path)
-    with pytest.raises(DatasetError, match=r"has no 'order' field; fix: choose --inat-category from genus, kingdom"):
+    with pytest.raises(DatasetError, match=r"has no 'order' field; fix: choose --inat-category from genus, kingdom, "
+                                           r"name, supercategory"):
         build_dataset(True, make_args(tmp_path, data_set='INAT', inat_category='order'))
     (tmp_path / 'val2018.json').write_text('{"images": [')
     with pytest.raises(DatasetError, match='val2018.json is not valid JSON'):
         build_dataset(False, make_args(tmp_path, data_set='INAT'))
+    (tmp_path / 'val2018.json').write_text(json.dumps(dict(annotations=[], images=[
+        dict(id=1, file_name='train_val2018/Plantae/7/x.jpg')])))
+    with pytest.raises(DatasetError, match=r"category id 7 .* is not an entry of categories.json \(4 entries\)"):
+        build_dataset(False, make_args(tmp_path, data_set='INAT'))
+    (tmp_path / 'val2018.json').write_text(json.dumps(dict(annotations=[], images=[dict(id=1, file_name='x.jpg')])))
+    with pytest.raises(DatasetError, match=r"file_name 'x.jpg' is not <folder>/<supercategory>/<category id>/<file>"):
+        build_dataset(False, make_args(tmp_path, data_set='INAT'))
+    (tmp_path / 'categories.json').write_text(json.dumps(INAT_CATEGORIES[::-1]))
+    with pytest.raises(DatasetError, match=r'entry 0 has id 3, but category ids index this list'):
+        build_dataset(True, make_args(tmp_path, data_set='INAT'))
 
 
 # ---------------------------------------------------------------------------------------------------------------

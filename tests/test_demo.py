@@ -4,12 +4,14 @@ import re
 import subprocess
 from pathlib import Path
 
+from helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_trains_evaluates_and_is_idempotent(tmp_path):
     env = dict(os.environ, SKIP_SETUP='1', EPOCHS='1', MODELS='deit_tiny_12 attnscale_tiny_12', OUT=str(tmp_path / 'out'),
-               DATA=str(tmp_path / 'digits'), MASTER_PORT='29770', OMP_NUM_THREADS='1')
+               DATA=str(tmp_path / 'digits'), MASTER_PORT=str(free_port()), OMP_NUM_THREADS='1')
     first = subprocess.run(['bash', 'scripts/demo.sh'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     rows = re.findall(r'^(\w+)\s+(\d+)\s+([\d.]+)%\s+([\d.]+)$', first.stdout, re.M)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import make_image_folder
+from helpers import free_port, make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--model-kwargs', 'depth=2', 'embed_dim=48', 'num_heads=2', 'patch_size=8']
@@ -19,15 +19,15 @@ FAST = ['--input-size', '32', '--batch-size', '8', '--num_workers', '0', '--mixu
         '--lr', '2e-3', '--unscale-lr', '--print-freq', '5', '--data-set', 'IMNET']
 
 
-def run(args, launcher='python', nproc=2, port=29610, env=None, check=True, timeout=240):
+def run(args, launcher='python', nproc=2, env=None, check=True, timeout=240):
     """Run main.py (plain, `torch.distributed.launch --use_env`, or torchrun) and return the process."""
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', **(env or {}))
     if launcher == 'launch':
         cmd = [sys.executable, '-m', 'torch.distributed.launch', f'--nproc_per_node={nproc}',
-               '--master_port', str(port), '--use_env', 'main.py']
+               '--master_port', str(free_port()), '--use_env', 'main.py']
     elif launcher == 'torchrun':
         cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
-               '--master_port', str(port), 'main.py']
+               '--master_port', str(free_port()), 'main.py']
     else:
         cmd = [sys.executable, 'main.py']
     proc = subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -61,8 +61,8 @@ def trained(data, tmp_path_factory):
     """Two epochs with `torch.distributed.launch --use_env`, then one more with --auto_reload."""
     out = tmp_path_factory.mktemp('run')
     common = ['--model', 'attnscale_tiny_12', *TINY, *FAST, '--data-path', data, '--output_dir', out]
-    first = run(common + ['--epochs', '2', '--auto_reload'], launcher='launch', port=29611)
-    again = run(common + ['--epochs', '3', '--auto_reload'], launcher='launch', port=29612)
+    first = run(common + ['--epochs', '2', '--auto_reload'], launcher='launch')
+    again = run(common + ['--epochs', '3', '--auto_reload'], launcher='launch')
     return out, first, again
 
 
@@ -98,7 +98,7 @@ def test_eval_resume_reproduces_the_last_test_accuracy(trained, data):
     out, _, _ = trained
     last = json.loads((out / 'log.txt').read_text().splitlines()[-1])
     proc = run(['--model', 'attnscale_tiny_12', *TINY, *FAST, '--data-path', data, '--eval',
-                '--resume', out / 'checkpoint.pth'], launcher='launch', port=29613)
+                '--resume', out / 'checkpoint.pth'], launcher='launch')
     assert eval_accuracy(proc.stdout) == pytest.approx(last['test_acc1'], abs=0.05)
     assert 'Accuracy of the network on the 20 test images' in proc.stdout
 
@@ -118,8 +118,7 @@ def test_torchrun_and_single_process(data, tmp_path):
     for launcher, nproc in (('torchrun', 2), ('python', 1)):
         out = tmp_path / launcher
         proc = run(['--model', 'featscale_tiny_12', *TINY, *FAST, '--data-path', data, '--output_dir', out,
-                    '--epochs', '1', '--no-model-ema', '--no-log-tensorboard'], launcher=launcher, nproc=nproc,
-                   port=29614)
+                    '--epochs', '1', '--no-model-ema', '--no-log-tensorboard'], launcher=launcher, nproc=nproc)
         assert log_epochs(out) == [0]
         assert not list(out.glob('events.out.tfevents.*'))
         assert ('distributed init (rank 0/2' in proc.stdout) == (nproc == 2)
@@ -128,7 +127,7 @@ def test_torchrun_and_single_process(data, tmp_path):
 def test_launch_without_use_env_passes_local_rank(data, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2',
-                           '--master_port', '29615', 'main.py', '--model', 'deit_tiny_12', *TINY, *FAST,
+                           '--master_port', str(free_port()), 'main.py', '--model', 'deit_tiny_12', *TINY, *FAST,
                            '--data-path', str(data), '--eval'], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -144,14 +143,14 @@ def test_cait_finetune_from_a_module_prefixed_baseline(data, tmp_path, variant):
     path = tmp_path / 'cait_baseline.pth'
     torch.save({'model': {f'module.{k}': v for k, v in baseline.state_dict().items()}}, path)
     cait = ['--model-kwargs', 'depth=2', 'patch_size=8', *FAST, '--data-path', data]
-    base = run(['--model', 'cait_XXS24_224', *cait, '--eval', '--resume', path], port=29616)
-    tuned = run(['--model', variant, *cait, '--eval', '--resume', path], port=29616)
+    base = run(['--model', 'cait_XXS24_224', *cait, '--eval', '--resume', path])
+    tuned = run(['--model', variant, *cait, '--eval', '--resume', path])
     assert 'add-on parameters start at zero' in tuned.stdout
     losses = [re.findall(r'\* Acc@1 ([\d.]+) Acc@5 [\d.]+ loss ([\d.]+)', p.stdout)[-1] for p in (base, tuned)]
     assert losses[0] == losses[1]  # before any step, the add-on model computes the baseline
     out = tmp_path / 'ft'
     run(['--model', variant, *cait, '--epochs', '1', '--output_dir', out, '--resume', path, '--auto_reload'],
-        launcher='launch', port=29617)
+        launcher='launch')
     assert log_epochs(out) == [0]
     state = torch.load(out / 'checkpoint.pth', weights_only=True)['model']
     assert any(k.endswith('lamb') or k.endswith('lamb1') for k in state)
@@ -159,7 +158,7 @@ def test_cait_finetune_from_a_module_prefixed_baseline(data, tmp_path, variant):
 
 def test_nan_loss_stops_with_a_clear_message(data, tmp_path):
     proc = run(['--model', 'deit_tiny_12', *TINY, *FAST, '--data-path', data, '--output_dir', tmp_path,
-                '--epochs', '1', '--lr', '1e30', '--warmup-epochs', '0'], launcher='launch', port=29618, check=False)
+                '--epochs', '1', '--lr', '1e30', '--warmup-epochs', '0'], launcher='launch', check=False)
     assert proc.returncode != 0
     assert re.search(r'error: loss is (nan|inf) at epoch 0; lower --lr', proc.stderr)
 
