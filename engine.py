@@ -37,7 +37,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     loss_scaler: Optional[torch.amp.GradScaler] = None, amp_dtype: torch.dtype = torch.float32,
                     max_norm: Optional[float] = None, model_ema=None, mixup_fn: Optional[Mixup] = None,
                     set_training_mode: bool = True, print_freq: int = 10, bce_loss: bool = False,
-                    should_stop=lambda: False, start_step: int = 0, initial_meters: Optional[dict] = None):
+                    should_stop=lambda: False, start_step: int = 0, initial_meters: Optional[dict] = None,
+                    on_update=None):
     """One pass over `data_loader` (which starts at step `start_step` of the epoch when resuming mid-epoch).
 
     `should_stop()` (a preemption signal agreed by all ranks) is checked after each step. Returns
@@ -45,7 +46,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     (counting the `start_step` skipped ones) when `should_stop()` cut it short before its last step, else None;
     and this rank's `{meter: [count, total]}` before they are summed over ranks, which a mid-epoch checkpoint
     stores and the resumed epoch passes back as `initial_meters`, so that its averages cover the whole epoch
-    and are summed in the same order as in an uninterrupted epoch.
+    and are summed in the same order as in an uninterrupted epoch. `on_update(steps done in the epoch)` is
+    called after every optimizer step (a per-update LR schedule).
     """
     model.train(set_training_mode)
     metric_logger = utils.MetricLogger(delimiter='  ')
@@ -86,6 +88,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         if model_ema is not None:
             model_ema.update(model)
         metric_logger.update(loss=loss.item(), lr=optimizer.param_groups[0]['lr'])
+        if on_update is not None:
+            on_update(start_step + step + 1)
         if should_stop() and step < num_steps - 1:  # a stop after the last step is handled after the epoch
             stopped_at = start_step + step + 1
             break

@@ -41,6 +41,8 @@ def get_args_parser():
 
     g = p.add_argument_group('model')
     g.add_argument('--model', default='deit_base_patch16_224', type=str, metavar='MODEL')
+    g.add_argument('--addon', default=None, choices=models.ADDONS,
+                   help='install AttnScale or FeatScale (gains at zero) into a timm ViT, CaiT or Swin --model')
     g.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
                    help='extra create_model arguments, e.g. patch_size=2 embed_dim=96 num_heads=3')
     g.add_argument('--input-size', default=224, type=int, help='image size')
@@ -73,6 +75,8 @@ def get_args_parser():
     g.add_argument('--cooldown-epochs', type=int, default=10, metavar='N')
     g.add_argument('--patience-epochs', type=int, default=10, metavar='N')
     g.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE')
+    g.add_argument('--sched-on-updates', action='store_true',
+                   help='step the schedule after every optimizer update, not every epoch (the official Swin recipe)')
     g.add_argument('--unscale-lr', action='store_true', help='do not scale --lr by batch_size * world_size / 512')
 
     g = p.add_argument_group('augmentation')
@@ -219,15 +223,17 @@ def interpolate_pos_embed(model, state: dict):
 
 
 def load_finetune(model, path: str, unsafe: bool):
-    state = model_state(load_checkpoint(path, allow_unsafe=unsafe))
+    state = models.checkpoint.to_model_layout(model, model_state(load_checkpoint(path, allow_unsafe=unsafe)))
     own = model.state_dict()
-    for k in ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias'):
+    for k in ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias', 'head.fc.weight', 'head.fc.bias'):
         if k in state and k in own and state[k].shape != own[k].shape:
             utils.log(f'Removing key {k} from the fine-tune checkpoint (another number of classes)')
             del state[k]
     interpolate_pos_embed(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     utils.log(f'Fine-tuning from {path}; newly initialised: {missing}; ignored: {unexpected}')
+    if any(ADDON_KEY.search(k) for k in missing):
+        utils.log(f'{path} has no add-on parameters: they start at zero, so the model starts as the checkpoint\'s')
 
 
 def addon_lambdas(model) -> dict:
@@ -236,8 +242,9 @@ def addon_lambdas(model) -> dict:
     out = {}
     for name, p in model.named_parameters():
         match = ADDON_KEY.search(name)
-        if match and name.startswith('blocks.'):
-            out[f'{names[match.group(2)]}/block{name.split(".")[1]}'] = p.detach().float().mean().item()
+        if match:  # blocks.3.attn.lamb -> attnscale/block3, layers.1.blocks.0.lamb1 -> featscale_dc/layers.1.block0
+            where = name[:match.start()].replace('.attn', '').replace('blocks.', 'block')
+            out[f'{names[match.group(2)]}/{where}'] = p.detach().float().mean().item()
     return out
 
 
@@ -354,7 +361,7 @@ def run(args):
 
     utils.log(f'Creating model: {args.model}')
     try:
-        model = models.create_model(args.model, num_classes=args.nb_classes, drop_rate=args.drop,
+        model = models.create_model(args.model, addon=args.addon, num_classes=args.nb_classes, drop_rate=args.drop,
                                     drop_path_rate=args.drop_path, drop_block_rate=None, img_size=args.input_size,
                                     **models.parse_model_kwargs(args.model_kwargs))
     except (ValueError, TypeError) as e:
@@ -380,7 +387,7 @@ def run(args):
         args.lr = args.lr * args.batch_size * utils.get_world_size() / 512.0
     optimizer = create_optimizer_v2(model_without_ddp, **optimizer_kwargs(cfg=args))
     loss_scaler = torch.amp.GradScaler('cuda') if amp_dtype == torch.float16 else None
-    lr_scheduler, _ = create_scheduler(args, optimizer)
+    lr_scheduler, _ = create_scheduler(args, optimizer, updates_per_epoch=steps_per_epoch)
 
     criterion = build_criterion(args, mixup_active)
     teacher_model = None
@@ -486,7 +493,9 @@ def run(args):
                 model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler, amp_dtype,
                 args.clip_grad, model_ema, mixup_fn, set_training_mode=args.train_mode, print_freq=args.print_freq,
                 bce_loss=args.bce_loss, should_stop=should_stop, start_step=skip,
-                initial_meters=resume_meters if skip else None)
+                initial_meters=resume_meters if skip else None,
+                on_update=(lambda done: lr_scheduler.step_update(epoch * steps_per_epoch + done))
+                if args.sched_on_updates else None)
         except NonFiniteLossError as e:
             utils.fail(str(e), code=3)
         if stopped_at is not None:
