@@ -34,9 +34,9 @@ def swin_flops(model: SwinTransformer) -> float:
             (H, W), C, heads = blk.input_resolution, blk.dim, blk.attn.num_heads
             N, d = blk.window_size[0] * blk.window_size[1], C // heads
             attn = N * C * 3 * C + heads * N * d * N + heads * N * N * d + N * C * C
-            attn += heads * N * N if blk.attn.lamb is not None else 0
+            attn += heads * N * N if getattr(blk.attn, 'lamb', None) is not None else 0
             flops += 2 * C * H * W + H * W / N * attn + 2 * H * W * C * C * blk.mlp_ratio
-            flops += 2 * C * H * W if blk.lamb1 is not None else 0
+            flops += 2 * C * H * W if getattr(blk, 'lamb1', None) is not None else 0
     return flops + model.num_features * Ho * Wo // 2 ** model.num_layers + model.num_features * model.num_classes
 
 
