@@ -43,6 +43,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--input-size', type=int, default=None,
                         help="image size (default: the checkpoint's training size, else 224)")
     parser.add_argument('--eval-crop-ratio', type=float, default=0.875, help='centre-crop ratio of the eval transform')
+    parser.add_argument('--addon', default=None, choices=models.ADDONS,
+                        help="install this add-on into every --model, as main.py --addon (default: the checkpoint's)")
     parser.add_argument('--model-kwargs', nargs='*', default=None, metavar='KEY=VALUE',
                         help="extra create_model arguments for every model (default: the checkpoint's)")
     parser.add_argument('--num-images', type=int, default=64, help='validation images to average over')
@@ -96,10 +98,11 @@ def build_run(name, checkpoint, args) -> dict:
         model_kwargs = models.parse_model_kwargs(
             args.model_kwargs if args.model_kwargs is not None else train_args.get('model_kwargs'))
         kwargs = {'img_size': input_size, **model_kwargs}
-        if 'head.weight' in state:
-            kwargs['num_classes'] = state['head.weight'].shape[0]
+        head = state.get('head.weight', state.get('head.fc.weight'))
+        if head is not None:
+            kwargs['num_classes'] = head.shape[0]
         torch.manual_seed(args.seed)
-        model = models.create_model(name, **kwargs)
+        model = models.create_model(name, addon=args.addon or train_args.get('addon'), **kwargs)
     except (ValueError, TypeError) as e:
         raise AnalyzeError(f'cannot build {name}: {e}') from None
     if checkpoint:
@@ -134,14 +137,16 @@ def describe(run: dict, label: str, measured: dict) -> dict:
     return dict(
         label=label, model=run['name'], checkpoint=run['checkpoint'], random_init=run['checkpoint'] is None,
         input_size=run['input_size'], model_kwargs=run['model_kwargs'], num_classes=model.num_classes,
-        num_params=sum(p.numel() for p in model.parameters()), depth=len(model.blocks),
-        num_heads=model.blocks[0].attn.num_heads, **measured, addon_params=diagnostics.addon_parameters(model),
+        num_params=sum(p.numel() for p in model.parameters()), depth=len(diagnostics.analysed_blocks(model)),
+        num_heads=diagnostics.analysed_blocks(model)[0].attn.num_heads, **measured, addon_params=diagnostics.addon_parameters(model),
     )
 
 
 def plot_layers(ax, results: list, key: str, **style) -> None:
-    """One curve per model of the per-layer metric `key` against the layer number."""
+    """One curve per model of the per-layer metric `key` against the layer number (models without it: none)."""
     for i, entry in enumerate(results):
+        if key not in entry['metrics']:
+            continue
         metric = entry['metrics'][key]
         ax.plot(metric['layers'], metric['values'], color=f'C{i}', marker='o', markersize=3,
                 label=entry['label'], **style)
@@ -152,6 +157,8 @@ def plot_layers(ax, results: list, key: str, **style) -> None:
 def plot_last_layer(ax, results: list, key: str) -> None:
     """One curve per model of the last layer's spectrum `key` against frequency (cycles per token)."""
     for i, entry in enumerate(results):
+        if key not in entry['metrics']:
+            continue
         metric = entry['metrics'][key]
         ax.plot(entry['frequencies'], metric['values'][-1], color=f'C{i}',
                 label=f"{entry['label']} (layer {metric['layers'][-1]})")
@@ -190,7 +197,8 @@ def save_figure(fig, path: Path) -> Path:
 
 
 def write_plots(results: list, out: Path) -> list:
-    """One PNG per metric; the lambda plot only when some model has AttnScale or FeatScale."""
+    """One PNG per metric that some model has (Swin has no attention-map metrics or token spectrum); the
+    lambda plot only when some model has AttnScale or FeatScale."""
     written = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     plot_layers(axes[0], results, 'hf_dc_features')
@@ -203,6 +211,8 @@ def write_plots(results: list, out: Path) -> list:
     for key, ylabel, title, name in (
             ('patch_cosine', 'mean pairwise cosine similarity', 'Patch uniformity', 'patch_cosine.png'),
             ('attention_cosine', 'cosine(A_l, A_{l-1})', 'Attention collapse', 'attention_cosine.png')):
+        if not any(key in entry['metrics'] for entry in results):
+            continue
         fig, ax = plt.subplots(figsize=(6, 4))
         plot_layers(ax, results, key)
         ax.set(title=title, ylabel=ylabel)
@@ -214,6 +224,8 @@ def write_plots(results: list, out: Path) -> list:
              'feature_spectrum.png'),
             ('attention_spectral_response', 'row 2-norm of F A F^T', 'Spectral response of the last attention map',
              'attention_spectrum.png')):
+        if not any(key in entry['metrics'] for entry in results):
+            continue
         fig, ax = plt.subplots(figsize=(6, 4))
         plot_last_layer(ax, results, key)
         ax.set(title=title, ylabel=ylabel)
@@ -233,8 +245,9 @@ def print_table(results: list) -> None:
     print(f"{'model':<{width}}  {'HF/DC (X_L)':>11}  {'patch cos (X_L)':>15}  {'attn cos (A_L, A_L-1)':>21}")
     for e in results:
         m = e['metrics']
+        attn = f"{m['attention_cosine']['values'][-1]:>21.4f}" if 'attention_cosine' in m else f"{'n/a':>21}"
         print(f"{e['label']:<{width}}  {m['hf_dc_features']['values'][-1]:>11.4f}  "
-              f"{m['patch_cosine']['values'][-1]:>15.4f}  {m['attention_cosine']['values'][-1]:>21.4f}")
+              f"{m['patch_cosine']['values'][-1]:>15.4f}  {attn}")
 
 
 def analyze(args) -> None:

@@ -18,12 +18,20 @@ Layer numbering, used everywhere here: block l = 1..L produces X_l from X_{l-1};
 embedding output (the input of the first block); Y_l and A_l are block l's attention-branch output
 and attention map. Only the self-attention stage `model.blocks` is probed (for CaiT, the patch-token
 stage; its class-attention blocks are not part of the analysis).
+
+Swin: the blocks of all stages, in order; X_l is block l's (B, H, W, C) map read as H*W tokens (N and C
+change at each stage's patch merging). What needs the same N in every layer or the image-wide N x N map
+is left out: the per-window attention maps (49 x 49 over a 7 x 7 window, whose tokens are another set of
+patches in every window and, with the shift, every other block) are not the token mixing the spectral
+metrics describe, and the window attention's output is per window too. So for Swin: the HF ratio and
+patch cosine of X_l, and the learned gains.
 """
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
 from timm.models.cait import Cait
+from timm.models.swin_transformer import SwinTransformer
 
 from models import dc_hf_split, set_fused_attn
 
@@ -110,6 +118,18 @@ def stage_prefix_tokens(model: torch.nn.Module) -> int:
     return 0 if isinstance(model, Cait) else model.num_prefix_tokens
 
 
+def analysed_blocks(model: torch.nn.Module) -> list:
+    """The blocks l = 1..L the diagnostics follow: `model.blocks`, or every stage's blocks for Swin."""
+    if isinstance(model, SwinTransformer):
+        return [blk for stage in model.layers for blk in stage.blocks]
+    return list(model.blocks)
+
+
+def _as_tokens(x: torch.Tensor) -> torch.Tensor:
+    """A block's output as tokens (B, N, C): a Swin map (B, H, W, C) gives its H*W tokens."""
+    return x.flatten(1, 2) if x.dim() == 4 else x
+
+
 def probe(model: torch.nn.Module, images: torch.Tensor) -> dict:
     """Run `model` on `images` once (no grad) and collect, with forward hooks on `model.blocks`:
 
@@ -123,22 +143,26 @@ def probe(model: torch.nn.Module, images: torch.Tensor) -> dict:
 
     The fused attention kernels never form the maps, so `fused_attn` is switched off on every module
     that has it for this call and restored afterwards; the hooks are removed as well. Put the model
-    in eval mode first (dropout and stochastic depth would change what is measured).
+    in eval mode first (dropout and stochastic depth would change what is measured). For Swin only
+    'tokens' (each block's map as H*W tokens) and 'logits' are collected (see the module docstring).
     """
-    blocks = list(model.blocks)
-    if not all(hasattr(blk.attn, 'attn_probe') for blk in blocks):
+    blocks, swin = analysed_blocks(model), isinstance(model, SwinTransformer)
+    if not swin and not all(hasattr(blk.attn, 'attn_probe') for blk in blocks):
         raise ValueError(f'{type(model).__name__} has no attn_probe on its attention modules: '
                          'probe() works on the models of this repository only')
     found = {'tokens': [], 'branch': [], 'attn': []}
     fused = {}
     handles = []
     try:
-        handles.append(blocks[0].register_forward_pre_hook(lambda m, args: found['tokens'].append(args[0])))
+        handles.append(blocks[0].register_forward_pre_hook(
+            lambda m, args: found['tokens'].append(_as_tokens(args[0]))))
         for blk in blocks:
-            handles.append(blk.register_forward_hook(lambda m, args, out: found['tokens'].append(out)))
-            handles.append(blk.attn.register_forward_hook(lambda m, args, out: found['branch'].append(out)))
-            handles.append(blk.attn.attn_probe.register_forward_hook(lambda m, args, out: found['attn'].append(out)))
-        fused = set_fused_attn(model, False)
+            handles.append(blk.register_forward_hook(lambda m, args, out: found['tokens'].append(_as_tokens(out))))
+            if not swin:
+                handles.append(blk.attn.register_forward_hook(lambda m, args, out: found['branch'].append(out)))
+                handles.append(blk.attn.attn_probe.register_forward_hook(
+                    lambda m, args, out: found['attn'].append(out)))
+        fused = {} if swin else set_fused_attn(model, False)
         with torch.no_grad():
             found['logits'] = model(images)
     finally:
@@ -152,37 +176,45 @@ def probe(model: torch.nn.Module, images: torch.Tensor) -> dict:
 def batch_metrics(probed: dict, num_prefix: int) -> dict:
     """Every per-layer metric of one probed batch, per image: name -> (B, layers) or (B, layers, N).
 
-    The layer axis starts at `FIRST_LAYER[name]`. Spectral responses are averaged over the heads.
+    The layer axis starts at `FIRST_LAYER[name]`. Spectral responses are averaged over the heads. Metrics
+    whose inputs the probe did not collect (Swin: branch and maps; the spectrum when N changes) are left out.
     """
     tokens, branch, attn = probed['tokens'], probed['branch'], probed['attn']
 
     def per_layer(fn, items):
         return torch.stack([fn(item) for item in items], dim=1)
 
-    return {
+    metrics = {
         'hf_dc_features': per_layer(lambda x: hf_ratio(x, 'dc'), tokens),
         'hf_total_features': per_layer(lambda x: hf_ratio(x, 'total'), tokens),
-        'hf_dc_branch': per_layer(lambda y: hf_ratio(y, 'dc'), branch),
-        'hf_total_branch': per_layer(lambda y: hf_ratio(y, 'total'), branch),
         'patch_cosine': per_layer(lambda x: patch_cosine_similarity(x, num_prefix), tokens),
-        'feature_spectrum_db': per_layer(token_spectrum, tokens),
-        'attention_cosine': per_layer(lambda pair: attention_cosine(*pair), zip(attn[1:], attn[:-1])),
-        'attention_spectral_response': per_layer(lambda a: attention_spectral_response(a).mean(dim=1), attn),
     }
+    if len({x.shape[-2] for x in tokens}) == 1:
+        metrics['feature_spectrum_db'] = per_layer(token_spectrum, tokens)
+    if branch:
+        metrics['hf_dc_branch'] = per_layer(lambda y: hf_ratio(y, 'dc'), branch)
+        metrics['hf_total_branch'] = per_layer(lambda y: hf_ratio(y, 'total'), branch)
+    if attn:
+        metrics['attention_cosine'] = per_layer(lambda pair: attention_cosine(*pair), zip(attn[1:], attn[:-1]))
+        metrics['attention_spectral_response'] = per_layer(
+            lambda a: attention_spectral_response(a).mean(dim=1), attn)
+    return metrics
 
 
 def measure(model: torch.nn.Module, loader, device: torch.device) -> dict:
     """Average every metric of `batch_metrics` over the images of `loader` (image, label batches).
 
-    Puts `model` in eval mode. Returns num_images, num_tokens (N seen by the blocks),
-    num_prefix_tokens, frequencies (the x axis of the spectra) and metrics: name -> dict(layers=
+    Puts `model` in eval mode. Returns num_images, num_tokens (N seen by the last block),
+    num_prefix_tokens, frequencies (the x axis of the spectra; None without them) and metrics: name -> dict(layers=
     [layer numbers], values=[one mean per layer, a list of N values for the spectra]).
     """
     model.eval()
     num_prefix = stage_prefix_tokens(model)
-    chunks = defaultdict(list)
+    chunks, num_tokens = defaultdict(list), 0
     for images, _ in loader:
-        for name, value in batch_metrics(probe(model, images.to(device)), num_prefix).items():
+        probed = probe(model, images.to(device))
+        num_tokens = probed['tokens'][-1].shape[-2]
+        for name, value in batch_metrics(probed, num_prefix).items():
             chunks[name].append(value.cpu())
     if not chunks:
         raise ValueError('the loader gave no images')
@@ -192,9 +224,9 @@ def measure(model: torch.nn.Module, loader, device: torch.device) -> dict:
         layers = list(range(FIRST_LAYER[name], FIRST_LAYER[name] + mean.shape[0]))
         metrics[name] = dict(layers=layers, values=mean.tolist())
     num_images = sum(part.shape[0] for part in chunks['patch_cosine'])
-    num_tokens = chunks['feature_spectrum_db'][0].shape[-1]
+    frequencies = token_frequencies(num_tokens).tolist() if 'feature_spectrum_db' in metrics else None
     return dict(num_images=num_images, num_tokens=num_tokens, num_prefix_tokens=num_prefix,
-                frequencies=token_frequencies(num_tokens).tolist(), metrics=metrics)
+                frequencies=frequencies, metrics=metrics)
 
 
 def _stats(values: torch.Tensor) -> dict:
@@ -205,14 +237,14 @@ def _stats(values: torch.Tensor) -> dict:
 
 
 def addon_parameters(model: torch.nn.Module) -> dict:
-    """The learned add-on gains of `model.blocks`, per layer (block numbers 1..L).
+    """The learned add-on gains of the analysed blocks (`analysed_blocks`), per layer (block numbers 1..L).
 
     'attnscale_lambda': dict(layers, values=[per-head lambdas of each layer]) or None without
     AttnScale; 'featscale_lambda1' / 'featscale_lambda2': dict(layers, mean, std, min, max: one
     value per layer, over the C channels) or None without FeatScale.
     """
     def collect(get):
-        found = [(i, get(blk)) for i, blk in enumerate(model.blocks, start=1)]
+        found = [(i, get(blk)) for i, blk in enumerate(analysed_blocks(model), start=1)]
         return [(i, p) for i, p in found if p is not None]
 
     attn = collect(lambda blk: getattr(blk.attn, 'lamb', None))

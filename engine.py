@@ -48,7 +48,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     loss_scaler: Optional[torch.amp.GradScaler] = None, amp_dtype: torch.dtype = torch.float32,
                     max_norm: Optional[float] = None, model_ema=None, mixup_fn: Optional[Mixup] = None,
                     set_training_mode: bool = True, print_freq: int = 10,
-                    stop_requested=lambda: False, start_step: int = 0, initial_meters: Optional[dict] = None):
+                    stop_requested=lambda: False, start_step: int = 0, initial_meters: Optional[dict] = None,
+                    on_update=None):
     """One pass over `data_loader` (which starts at step `start_step` of the epoch when resuming mid-epoch).
 
     Each step synchronises the host once and runs one small collective: the all-reduce of the step flags
@@ -61,7 +62,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     done (counting the `start_step` skipped ones) when a stop request cut it short before its last step, else
     None; and this rank's `{meter: [count, total]}` before they are summed over ranks, which a mid-epoch
     checkpoint stores and the resumed epoch passes back as `initial_meters`, so that its averages cover the
-    whole epoch and are summed in the same order as in an uninterrupted epoch.
+    whole epoch and are summed in the same order as in an uninterrupted epoch. `on_update(steps done in the
+    epoch)` is called after every optimizer step (a per-update LR schedule).
     """
     model.train(set_training_mode)
     ema_source = unwrap_model(model)  # the plain module: same keys as the EMA copy, also under DDP / compile
@@ -107,6 +109,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         if model_ema is not None:
             model_ema.update(ema_source)
         metric_logger.update(loss=loss.detach(), lr=optimizer.param_groups[0]['lr'])
+        if on_update is not None:
+            on_update(start_step + step + 1)
         if stop and step < num_steps - 1:  # a stop after the last step is handled after the epoch
             stopped_at = start_step + step + 1
             break

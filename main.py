@@ -46,6 +46,8 @@ def get_args_parser():
 
     g = p.add_argument_group('model')
     g.add_argument('--model', default='deit_base_patch16_224', type=str, metavar='MODEL')
+    g.add_argument('--addon', default=None, choices=models.ADDONS,
+                   help='install AttnScale or FeatScale (gains at zero) into a timm ViT, CaiT or Swin --model')
     g.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
                    help='extra create_model arguments, e.g. patch_size=2 embed_dim=96 num_heads=3')
     g.add_argument('--input-size', default=224, type=int, help='image size')
@@ -78,6 +80,8 @@ def get_args_parser():
     g.add_argument('--cooldown-epochs', type=int, default=10, metavar='N')
     g.add_argument('--patience-epochs', type=int, default=10, metavar='N')
     g.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE')
+    g.add_argument('--sched-on-updates', action='store_true',
+                   help='step the schedule after every optimizer update, not every epoch (the official Swin recipe)')
     g.add_argument('--unscale-lr', action='store_true', help='do not scale --lr by batch_size * world_size / 512')
 
     g = p.add_argument_group('augmentation')
@@ -191,7 +195,7 @@ def check_model(args) -> torch.nn.Module:
     try:
         kwargs = models.parse_model_kwargs(args.model_kwargs)
         with torch.device('meta'):
-            return models.create_model(args.model, img_size=args.input_size, **kwargs)
+            return models.create_model(args.model, addon=args.addon, img_size=args.input_size, **kwargs)
     except AssertionError as e:
         given = ' '.join(args.model_kwargs)
         if 'divisible by num_heads' not in str(e):
@@ -329,7 +333,7 @@ def build_data(args) -> Data:
 def build_model(args, num_classes: int) -> torch.nn.Module:
     """`args.model` with the flags' image size, drop rates and --model-kwargs: the one place a model is created."""
     try:
-        return models.create_model(args.model, num_classes=num_classes, drop_rate=args.drop,
+        return models.create_model(args.model, addon=args.addon, num_classes=num_classes, drop_rate=args.drop,
                                    drop_path_rate=args.drop_path, drop_block_rate=None, img_size=args.input_size,
                                    **models.parse_model_kwargs(args.model_kwargs))
     except (ValueError, TypeError) as e:
@@ -349,15 +353,17 @@ def interpolate_pos_embed(model, state: dict):
 def load_finetune(model, path: str, unsafe: bool):
     """--finetune: every weight of the checkpoint that fits; the heads are dropped when the number of classes
     differs, and `pos_embed` is resized to the model's patch grid."""
-    state = model_state(load_checkpoint(path, allow_unsafe=unsafe))
+    state = models.checkpoint.to_model_layout(model, model_state(load_checkpoint(path, allow_unsafe=unsafe)))
     own = model.state_dict()
-    for k in ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias'):
+    for k in ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias', 'head.fc.weight', 'head.fc.bias'):
         if k in state and k in own and state[k].shape != own[k].shape:
             utils.log(f'Removing key {k} from the fine-tune checkpoint (another number of classes)')
             del state[k]
     interpolate_pos_embed(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     utils.log(f'Fine-tuning from {path}; newly initialised: {missing}; ignored: {unexpected}')
+    if any(ADDON_KEY.search(k) for k in missing):
+        utils.log(f'{path} has no add-on parameters: they start at zero, so the model starts as the checkpoint\'s')
 
 
 def prepare_model(args, num_classes: int, device: torch.device):
@@ -404,8 +410,9 @@ def addon_lambdas(model) -> dict:
     out = {}
     for name, p in model.named_parameters():
         match = ADDON_KEY.search(name)
-        if match and name.startswith('blocks.'):
-            out[f'{names[match.group(2)]}/block{name.split(".")[1]}'] = p.detach().float().mean().item()
+        if match:  # blocks.3.attn.lamb -> attnscale/block3, layers.1.blocks.0.lamb1 -> featscale_dc/layers.1.block0
+            where = name[:match.start()].replace('.attn', '').replace('blocks.', 'block')
+            out[f'{names[match.group(2)]}/{where}'] = p.detach().float().mean().item()
     return out
 
 
@@ -424,15 +431,16 @@ def build_optimizer(args, model, lr: float) -> torch.optim.Optimizer:
     return create_optimizer_v2(model, **dict(optimizer_kwargs(cfg=args), lr=lr))
 
 
-def build_optimization(args, model, amp_dtype: torch.dtype):
-    """(optimizer, lr_scheduler, loss_scaler) for the plain model; the loss scaler only for float16 autocast."""
+def build_optimization(args, model, amp_dtype: torch.dtype, steps_per_epoch: int):
+    """(optimizer, lr_scheduler, loss_scaler) for the plain model; the loss scaler only for float16 autocast.
+    With --sched-on-updates the schedule counts optimizer updates (`steps_per_epoch` a epoch), else epochs."""
     lr = scaled_lr(args, utils.get_world_size())
     rule = '--unscale-lr: not scaled' if args.unscale_lr else \
         f'--lr {args.lr:g} x {args.batch_size} x {utils.get_world_size()} / 512'
     utils.log(f'learning rate: {lr:g} ({rule})')
     optimizer = build_optimizer(args, model, lr)
     loss_scaler = torch.amp.GradScaler('cuda') if amp_dtype == torch.float16 else None
-    lr_scheduler, _ = create_scheduler(args, optimizer)
+    lr_scheduler, _ = create_scheduler(args, optimizer, updates_per_epoch=steps_per_epoch)
     return optimizer, lr_scheduler, loss_scaler
 
 
@@ -681,7 +689,9 @@ def train_epoch(args, net, state: TrainingState, data: Data, criterion, device, 
             net, criterion, data.loader_train, state.optimizer, device, epoch, state.loss_scaler, amp_dtype,
             args.clip_grad, state.model_ema, data.mixup_fn, set_training_mode=args.train_mode,
             print_freq=args.print_freq, stop_requested=stop_requested, start_step=mid.step,
-            initial_meters=mid.meters if mid.step else None)
+            initial_meters=mid.meters if mid.step else None,
+            on_update=(lambda done: state.lr_scheduler.step_update(epoch * data.steps_per_epoch + done))
+            if args.sched_on_updates else None)
     except NonFiniteLossError as e:
         utils.fail(str(e), code=3)
     if stopped_at is not None:
@@ -824,7 +834,7 @@ def run(args):
 
     data = build_data(args)
     model, model_ema = prepare_model(args, data.nb_classes, device)
-    optimizer, lr_scheduler, loss_scaler = build_optimization(args, model, amp_dtype)
+    optimizer, lr_scheduler, loss_scaler = build_optimization(args, model, amp_dtype, data.steps_per_epoch)
     criterion = build_training_criterion(args, data, device)
     state = TrainingState(model, model_ema, optimizer, lr_scheduler, loss_scaler, epoch=args.start_epoch - 1,
                           run_args=dict(vars(args), world_size=utils.get_world_size()))

@@ -4,10 +4,15 @@ import os
 import pickle
 import re
 import zipfile
+from collections import OrderedDict
 
 import torch
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint_filter_fn
 
 ADDON_KEY = re.compile(r'(^|\.)(lamb|lamb1|lamb2)$')  # AttnScale / FeatScale parameters
+# The official Swin trainer pickles its yacs config (a dict subclass holding plain values): read as an OrderedDict
+YACS_CONFIG = (OrderedDict, 'yacs.config.CfgNode')
 
 
 class CheckpointError(ValueError):
@@ -18,14 +23,19 @@ def load_checkpoint(path: str, allow_unsafe: bool = False) -> dict:
     """Read a checkpoint file with `torch.load(weights_only=True)`.
 
     The official training checkpoints pickle `args` as an `argparse.Namespace`, which is allowed
-    explicitly; nothing else that executes code on load is. `allow_unsafe=True` (the explicit
+    explicitly; nothing else that executes code on load is. A checkpoint of the official Swin trainer
+    pickles a yacs `CfgNode`, read as a plain OrderedDict; its optimizer and scheduler states (that
+    trainer's parameter groups) are dropped, so it resumes as weights. `allow_unsafe=True` (the explicit
     opt-in `--unsafe-load`) falls back to full unpickling for files you trust.
     """
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint {path} does not exist: check the path given to --resume/--finetune')
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace, YACS_CONFIG]):
             ckpt = torch.load(path, map_location='cpu', weights_only=not allow_unsafe)
+    except ModuleNotFoundError as e:
+        raise CheckpointError(f'checkpoint {path} pickles objects of the module {e.name}, which is not installed: '
+                              'load it without --unsafe-load, or install that module') from None
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
@@ -38,6 +48,9 @@ def load_checkpoint(path: str, allow_unsafe: bool = False) -> dict:
         raise CheckpointError(f'checkpoint {path} holds a {type(ckpt).__name__}, not a dict of weights')
     if isinstance(ckpt.get('args'), argparse.Namespace):
         ckpt['args'] = vars(ckpt['args'])
+    if 'config' in ckpt and 'args' not in ckpt:  # the official Swin trainer's: its optimizer state does not fit ours
+        for key in ('optimizer', 'lr_scheduler'):
+            ckpt.pop(key, None)
     return ckpt
 
 
@@ -50,13 +63,27 @@ def model_state(ckpt: dict) -> dict:
     return state
 
 
+def to_model_layout(model: torch.nn.Module, state: dict) -> dict:
+    """`state` in the key layout of `model`: a Swin checkpoint in the official (Microsoft) layout is mapped
+    with timm's own Swin `checkpoint_filter_fn` (which leaves timm-layout weights and add-on keys as they are);
+    other families' checkpoints already have their model's layout."""
+    if not isinstance(model, SwinTransformer):
+        return state
+    try:
+        return swin_checkpoint_filter_fn(state, model)
+    except AttributeError:  # a key names a block this model lacks: the strict load's report says which
+        return state
+
+
 def load_state_dict(model: torch.nn.Module, state: dict, allow_missing_addons: bool = False, source: str = 'checkpoint'):
     """Load `state` into `model` strictly, or fail naming every missing, unexpected or mis-shaped key.
+    A checkpoint in another layout of the model's family is mapped first (`to_model_layout`).
 
     With `allow_missing_addons`, the AttnScale/FeatScale parameters (`lamb`, `lamb1`, `lamb2`) may be
     absent (a baseline checkpoint fine-tuned with an add-on): they keep their zero init.
     Returns the list of add-on keys that were absent.
     """
+    state = to_model_layout(model, state)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

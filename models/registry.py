@@ -7,8 +7,10 @@ import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, register_model
 
+from .plugin import ADDONS, apply_addon
+
 RELEASED_WEIGHTS = 'https://huggingface.co/peihaowang/vit-anti-oversmoothing'
-OUR_MODULES = ('deit', 'cait')
+OUR_MODULES = ('deit', 'cait', 'swin')
 
 
 def default_cfg(img_size: int = 224, crop_pct: float = 0.875) -> dict:
@@ -20,11 +22,14 @@ def default_cfg(img_size: int = 224, crop_pct: float = 0.875) -> dict:
     )
 
 
-def register_variant(module_name: str, name: str, model_cls, cfg: dict, **model_args) -> None:
+def register_variant(module_name: str, name: str, model_cls, cfg: dict, feature_cfg: dict = None,
+                     **model_args) -> None:
     """Register `name` as a timm entrypoint defined in `module_name` that builds `model_cls(**model_args)`.
 
-    Keyword arguments given to `timm.create_model` override `model_args` (e.g. `img_size`).
+    Keyword arguments given to `timm.create_model` override `model_args` (e.g. `img_size`). `feature_cfg`:
+    how timm's `features_only` wraps the model (default: the ViT getter on the last block).
     """
+    feature_cfg = feature_cfg or dict(out_indices=3, feature_cls='getter')
     module = sys.modules[module_name]
 
     def entrypoint(pretrained: bool = False, **kwargs):
@@ -32,8 +37,8 @@ def register_variant(module_name: str, name: str, model_cls, cfg: dict, **model_
             raise ValueError(
                 f'{name}: weights are never downloaded at run time; get the released checkpoint from '
                 f'{RELEASED_WEIGHTS} and load it with --resume (main.py) or models.load_checkpoint()')
-        feature_cfg = dict(out_indices=kwargs.pop('out_indices', 3), feature_cls='getter')
-        return build_model_with_cfg(model_cls, name, pretrained, feature_cfg=feature_cfg, **dict(model_args, **kwargs))
+        features = dict(feature_cfg, out_indices=kwargs.pop('out_indices', feature_cfg['out_indices']))
+        return build_model_with_cfg(model_cls, name, pretrained, feature_cfg=features, **dict(model_args, **kwargs))
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = module_name
@@ -47,13 +52,20 @@ def list_variants() -> list:
     return [n for m in OUR_MODULES for n in sys.modules[f'{__package__}.{m}'].__all__ if not n[0].isupper()]
 
 
-def create_model(name: str, **kwargs):
-    """`timm.create_model` that fails on an unknown name with the closest registered names."""
+def create_model(name: str, addon: str = None, **kwargs):
+    """`timm.create_model` that fails on an unknown name with the closest registered names.
+
+    `addon` ('attnscale' or 'featscale') installs that add-on into the model (see `plugin.apply_addon`), with
+    its gains at zero; a name that carries an add-on already is refused.
+    """
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, sorted(set(list_variants() + timm.list_models())), n=5, cutoff=0.5)
         hint = f'; closest: {", ".join(close)}' if close else ''
         raise ValueError(f'unknown model {name!r}{hint} (python main.py --list-models prints them all)')
-    return timm.create_model(name, **kwargs)
+    if addon and name.split('_')[0] in ADDONS:
+        raise ValueError(f'--addon {addon}: {name} carries an add-on already; drop --addon or pick a base model')
+    model = timm.create_model(name, **kwargs)
+    return apply_addon(model, addon) if addon else model
 
 
 def parse_model_kwargs(items) -> dict:

@@ -25,9 +25,11 @@ def test_reference_manifests_are_present():
 
 def test_registry_lists_every_variant():
     names = models.list_variants()
-    assert len(names) == len(set(names)) == 6 * 3 + 4 + 10 * 3  # DeiT t/s/b x 12/24 x 3 kinds, our_* aliases, CaiT
+    # DeiT t/s/b x 12/24 x 3 kinds, our_* aliases, CaiT, Swin t/s/b x 2 add-ons
+    assert len(names) == len(set(names)) == 6 * 3 + 4 + 10 * 3 + 6
     for n in ('attnscale_small_12', 'featscale_base_24', 'deit_tiny_12', 'our_small_24',
-              'cait_XXS24_224', 'attnscale_cait_S24_224', 'featscale_cait_M48'):
+              'cait_XXS24_224', 'attnscale_cait_S24_224', 'featscale_cait_M48',
+              'attnscale_swin_small_patch4_window7_224', 'featscale_swin_base_patch4_window7_224'):
         assert n in names and timm.is_model(n)
 
 

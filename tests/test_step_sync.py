@@ -112,7 +112,7 @@ def worker(rank: int, world_size: int, port: int, data: str, out: str):
     device = main.utils.init_distributed_mode(args)
     data = main.build_data(args)
     model, model_ema = main.prepare_model(args, data.nb_classes, device)
-    optimizer, _, loss_scaler = main.build_optimization(args, model, torch.float32)
+    optimizer, _, loss_scaler = main.build_optimization(args, model, torch.float32, steps_per_epoch=4)
     criterion = main.build_training_criterion(args, data, device)
     net = main.wrap_model(model, args, device)
     compiled = main.wrap_model(model, argparse.Namespace(**dict(vars(args), compile=True)), device)

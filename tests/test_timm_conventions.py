@@ -1,9 +1,10 @@
 """timm's own model-convention tests (from the timm sdist's tests/test_models.py), run on our variants.
 
 The sdist of the installed timm version is fetched once from PyPI into .cache/ (or TIMM_TESTS_DIR);
-its functions are called as they are, so a variant passes exactly what timm's DeiT and CaiT pass.
+its functions are called as they are, so a variant passes exactly what timm's DeiT, CaiT and Swin pass.
 Combinations that timm itself skips (a fixed input size over its limit: the 384 px CaiT models in
-all but the forward test) are not generated.
+all but the forward test) are not generated. As timm does, the ViT-like families run the "non-standard"
+config test, Swin (NHWC features) the standard one and the `features_only` test.
 """
 import importlib.util
 import os
@@ -38,6 +39,7 @@ def _timm_test_models():
 T = _timm_test_models()
 SMALL = [n for n in models.list_variants() if '_tiny_' in n or '_small_' in n or 'XXS' in n]
 AT_224 = [n for n in SMALL if timm.get_pretrained_cfg_value(n, 'input_size')[-1] <= 320]
+SWIN = [n for n in AT_224 if '_swin_' in n]
 
 
 @pytest.mark.parametrize('name', SMALL)
@@ -50,9 +52,19 @@ def test_model_backward(name):
     T.test_model_backward(name, 2)
 
 
-@pytest.mark.parametrize('name', AT_224)
+@pytest.mark.parametrize('name', [n for n in AT_224 if n not in SWIN])
 def test_model_default_cfgs_non_std(name):
     T.test_model_default_cfgs_non_std(name, 1, 'meta')
+
+
+@pytest.mark.parametrize('name', SWIN)
+def test_model_default_cfgs(name):
+    T.test_model_default_cfgs(name, 1, 'meta')
+
+
+@pytest.mark.parametrize('name', SWIN)
+def test_model_forward_features(name):
+    T.test_model_forward_features(name, 1)
 
 
 @pytest.mark.parametrize('name', AT_224)

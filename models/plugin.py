@@ -1,0 +1,233 @@
+"""AttnScale / FeatScale as a plug-in for timm's own ViT, CaiT and Swin models: `apply_addon(model, addon)`.
+
+One small adapter per supported timm family turns the family's attention module and block into
+their subclass below, in place (`module.__class__` is swapped, the weights stay where they are),
+and gives them the add-on's gains, named as in the released checkpoints and zero at the start:
+
+    AttnScale   <attention>.lamb     (heads,)     A' = (1 + lamb) A - lamb / N, N = tokens attended
+    FeatScale   <block>.lamb1/lamb2  (channels,)  y' = y + lamb1 DC[y] + lamb2 HF[y], y the attention branch
+
+FeatScale acts once on the attention-branch output, before layer scale and drop path. The maths is
+`antioversmooth.py`; a subclass only decides where it acts. With zero gains every subclass computes
+what timm's module computes, bit for bit, on the same (fused or explicit) attention path. Where the
+attention runs fused (`scaled_dot_product_attention`), AttnScale stays fused through the exact identity
+A'v = (1 + lamb) Av - lamb DC[v]; the explicit path shows each map to `attn_probe`, an identity whose
+forward hooks see it (diagnostics.py).
+"""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Attention, maybe_add_mask, resolve_self_attn_mask
+from timm.models.cait import Cait, LayerScaleBlock, TalkingHeadAttn
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, WindowAttention
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from .antioversmooth import attnscale, attnscale_fused, featscale
+from .checkpoint import ADDON_KEY
+
+ADDONS = ('attnscale', 'featscale')
+SUPPORTED = ('timm VisionTransformer (and subclasses) with Block + Attention blocks, '
+             'timm Cait (self-attention stage), timm SwinTransformer')
+
+
+class ViTAttention(Attention):
+    """timm's `Attention` with optional AttnScale (`lamb`, per head) on the post-softmax map."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.fused_attn and (self.lamb is None or self.attn_drop.p == 0. or not self.training):
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                               dropout_p=self.attn_drop.p if self.training else 0.)
+            if self.lamb is not None:
+                x = attnscale_fused(x, v, self.lamb)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal)).softmax(dim=-1)
+            if self.lamb is not None:
+                attn = attnscale(attn, self.lamb)
+            x = self.attn_drop(self.attn_probe(attn)) @ v
+        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+class ViTBlock(Block):
+    """timm's pre-norm `Block` with optional FeatScale on the attention branch, before `ls1`.
+
+    `feat_scale_repeat` is 1 (the paper); the released DeiT models use 2 (see `deit.py`).
+    """
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        y = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
+        if self.lamb1 is not None and self.lamb2 is not None:
+            y = featscale(y, self.lamb1, self.lamb2, self.feat_scale_repeat)
+        x = x + self.drop_path1(self.ls1(y))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class CaitAttention(TalkingHeadAttn):
+    """CaiT's talking-heads attention with optional AttnScale after the post-softmax head mix `proj_w`
+    (rows then need not sum to 1; A_dc = 1/N all the same, as in the released models)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn = self.proj_l(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).softmax(dim=-1)
+        attn = self.proj_w(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        if self.lamb is not None:
+            attn = attnscale(attn, self.lamb)
+        x = (self.attn_drop(self.attn_probe(attn)) @ v).transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class CaitBlock(LayerScaleBlock):
+    """CaiT's self-attention block with optional FeatScale, before `gamma_1`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.attn(self.norm1(x))
+        if self.lamb1 is not None and self.lamb2 is not None:
+            y = featscale(y, self.lamb1, self.lamb2, self.feat_scale_repeat)
+        x = x + self.drop_path(self.gamma_1 * y)
+        return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
+
+
+class SwinWindowAttention(WindowAttention):
+    """Swin's window attention with optional AttnScale after the softmax, N = tokens of one window.
+
+    As in the official code, A_dc = 1/N ignores the shift mask (masked entries become -lamb/N). Fused:
+    relative position bias + shift mask go to the kernel as `attn_mask`, then the window mean of v.
+    """
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B_, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fused_attn and (self.lamb is None or self.attn_drop.p == 0. or not self.training):
+            attn_mask = self._get_rel_pos_bias()
+            if mask is not None:  # (windows, N, N), 0 / -100, the same for every image
+                num_win = mask.shape[0]
+                mask = mask.view(1, num_win, 1, N, N).expand(B_ // num_win, -1, self.num_heads, -1, -1)
+                attn_mask = attn_mask + mask.reshape(-1, self.num_heads, N, N)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                               dropout_p=self.attn_drop.p if self.training else 0.)
+            if self.lamb is not None:
+                x = attnscale_fused(x, v, self.lamb)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1) + self._get_rel_pos_bias()
+            if mask is not None:
+                num_win = mask.shape[0]
+                attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+                attn = attn.view(-1, self.num_heads, N, N)
+            attn = self.softmax(attn)
+            if self.lamb is not None:
+                attn = attnscale(attn, self.lamb)
+            x = self.attn_drop(self.attn_probe(attn)) @ v
+        x = x.transpose(1, 2).reshape(B_, N, -1)
+        return self.proj_drop(self.proj(x))
+
+
+class SwinBlock(SwinTransformerBlock):
+    """Swin block with optional FeatScale on the attention branch after window reverse and reverse shift:
+    DC is the mean over all H*W tokens of the image (not per window), applied once."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        y = self._attn(self.norm1(x))
+        if self.lamb1 is not None and self.lamb2 is not None:
+            y = featscale(y.reshape(B, H * W, C), self.lamb1, self.lamb2, self.feat_scale_repeat).reshape(B, H, W, C)
+        x = (x + self.drop_path1(y)).reshape(B, -1, C)
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x.reshape(B, H, W, C)
+
+
+# (timm's block, timm's attention) -> (our block, our attention), per supported family
+ADAPTERS = {
+    VisionTransformer: ((Block, Attention), (ViTBlock, ViTAttention)),
+    Cait: ((LayerScaleBlock, TalkingHeadAttn), (CaitBlock, CaitAttention)),
+    SwinTransformer: ((SwinTransformerBlock, WindowAttention), (SwinBlock, SwinWindowAttention)),
+}
+
+
+def _adapter(model: nn.Module):
+    """(blocks the add-ons go into, (our block class, our attention class)) for `model`: `blocks` (ViT; CaiT's
+    self-attention stage) or every stage's blocks (Swin). A ValueError names the model's class otherwise."""
+    family = next((f for f in ADAPTERS if isinstance(model, f)), None)
+    if family is None:
+        raise ValueError(f'AttnScale/FeatScale cannot be installed in {type(model).__name__}; '
+                         f'supported: {SUPPORTED}')
+    blocks = [b for s in model.layers for b in s.blocks] if family is SwinTransformer else list(model.blocks)
+    timm_kinds, ours = ADAPTERS[family]
+    odd = [f'{type(b).__name__}/{type(getattr(b, "attn", None)).__name__}' for b in blocks
+           if type(b) not in (timm_kinds[0], ours[0]) or type(getattr(b, "attn", None)) not in (timm_kinds[1], ours[1])]
+    if odd or not blocks:
+        raise ValueError(f'AttnScale/FeatScale cannot be installed in {type(model).__name__}: its blocks are '
+                         f'{odd[0] if odd else "missing"}, not timm\'s {timm_kinds[0].__name__}/'
+                         f'{timm_kinds[1].__name__}; supported: {SUPPORTED}')
+    return blocks, ours
+
+
+def self_attention_blocks(model: nn.Module) -> list:
+    """The blocks of a supported model that carry (or would carry) the add-ons, in order."""
+    return _adapter(model)[0]
+
+
+def _gain(module: nn.Module, name: str, size: int, on: bool) -> None:
+    """Give `module` the add-on gain `name`: zeros of `size` if `on`, else None (no state-dict key);
+    a gain it has already stays."""
+    if getattr(module, name, None) is None:
+        ref = next(module.parameters())
+        module.register_parameter(name, nn.Parameter(torch.zeros(size, device=ref.device, dtype=ref.dtype))
+                                  if on else None)
+
+
+def install(model: nn.Module, attn_scale: bool = False, feat_scale: bool = False,
+            feat_scale_repeat: float = 1.) -> nn.Module:
+    """Turn every self-attention block of `model` and its attention into our subclasses, in place, with the
+    chosen add-ons' gains at zero (neither: the same function, with `attn_probe` for diagnostics)."""
+    blocks, ours = _adapter(model)
+    for blk in blocks:
+        blk.__class__, blk.attn.__class__ = ours
+        blk.feat_scale_repeat = feat_scale_repeat
+        if not hasattr(blk.attn, 'attn_probe'):
+            blk.attn.attn_probe = nn.Identity()
+        _gain(blk.attn, 'lamb', blk.attn.num_heads, attn_scale)
+        for name in ('lamb1', 'lamb2'):
+            _gain(blk, name, blk.attn.proj.out_features, feat_scale)
+    return model
+
+
+def has_addon(model: nn.Module) -> bool:
+    """Whether `model` has AttnScale or FeatScale gains already."""
+    return any(ADDON_KEY.search(name) for name, _ in model.named_parameters())
+
+
+def apply_addon(model: nn.Module, addon: str) -> nn.Module:
+    """Insert `addon` ('attnscale' or 'featscale') into every self-attention block of a supported timm
+    model, in place, and return it. The gains start at zero, so the model computes what it did before;
+    the state dict gains only `<attention>.lamb` resp. `<block>.lamb1` / `<block>.lamb2`.
+
+    FeatScale's terms count once (the paper), unless the model says otherwise in `feat_scale_repeat`
+    (the released DeiT models: 2).
+    """
+    if addon not in ADDONS:
+        raise ValueError(f'unknown add-on {addon!r}: choose one of {", ".join(ADDONS)}')
+    if has_addon(model):
+        raise ValueError(f'{type(model).__name__} already carries an add-on (it has lamb parameters); '
+                         'apply --addon to its base model instead')
+    return install(model, attn_scale=addon == 'attnscale', feat_scale=addon == 'featscale',
+                   feat_scale_repeat=getattr(model, 'feat_scale_repeat', 1.))
+
+
+def set_fused_attn(model: nn.Module, enabled: bool) -> dict:
+    """Switch `fused_attn` on every module of `model` that has one (ours and timm's attentions); returns
+    {module: previous value}, so a caller can restore them. Off, attention maps are formed explicitly."""
+    previous = {m: m.fused_attn for m in model.modules() if hasattr(m, 'fused_attn')}
+    for m in previous:
+        m.fused_attn = enabled
+    return previous
