@@ -26,7 +26,8 @@ import utils
 from datasets import DatasetError, build_dataset
 from engine import NonFiniteLossError, evaluate, throughput, train_one_epoch
 from losses import DistillationLoss, build_criterion
-from models.checkpoint import ADDON_KEY, CheckpointError, load_checkpoint, load_state_dict, model_state
+from models.checkpoint import (ADDON_KEY, CheckpointError, interpolate_pos_embed, load_checkpoint, load_state_dict,
+                               model_state)
 from samplers import RASampler, ResumableSampler
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM after a checkpoint; rerun with --auto_reload
@@ -43,6 +44,9 @@ def get_args_parser():
     g.add_argument('--model', default='deit_base_patch16_224', type=str, metavar='MODEL')
     g.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
                    help='extra create_model arguments, e.g. patch_size=2 embed_dim=96 num_heads=3')
+    g.add_argument('--pretrained', action='store_true',
+                   help="start from the model's pretrained weights (the released ones, or timm's for a timm model; "
+                        'from the Hugging Face cache): head re-initialised for another class count, pos_embed resized')
     g.add_argument('--input-size', default=224, type=int, help='image size')
     g.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
     g.add_argument('--drop-path', type=float, default=0.1, metavar='PCT', help='drop path rate')
@@ -208,16 +212,6 @@ def mid_epoch_state(ckpt: dict, args, steps_per_epoch: int, path: str):
             rng[rank] if len(rng) == args.world_size else None)
 
 
-def interpolate_pos_embed(model, state: dict):
-    """Resize a checkpoint's `pos_embed` to the model's patch grid (bicubic), keeping prefix tokens."""
-    from timm.layers import resample_abs_pos_embed
-    if 'pos_embed' not in state or state['pos_embed'].shape == model.pos_embed.shape:
-        return
-    num_prefix = model.pos_embed.shape[1] - model.patch_embed.num_patches
-    state['pos_embed'] = resample_abs_pos_embed(state['pos_embed'], new_size=model.patch_embed.grid_size,
-                                                num_prefix_tokens=num_prefix)
-
-
 def load_finetune(model, path: str, unsafe: bool):
     state = model_state(load_checkpoint(path, allow_unsafe=unsafe))
     own = model.state_dict()
@@ -287,6 +281,8 @@ def run(args):
     utils.init_distributed_mode(args)
     if args.distillation_type != 'none' and args.finetune and not args.eval:
         utils.fail('fine-tuning with distillation is not supported; drop --distillation-type or --finetune')
+    if args.pretrained and args.finetune:
+        utils.fail('--pretrained and --finetune both choose the starting weights; pass one of them')
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         utils.fail('--device cuda but CUDA is not available; pass --device cpu')
@@ -354,11 +350,14 @@ def run(args):
 
     utils.log(f'Creating model: {args.model}')
     try:
-        model = models.create_model(args.model, num_classes=args.nb_classes, drop_rate=args.drop,
-                                    drop_path_rate=args.drop_path, drop_block_rate=None, img_size=args.input_size,
+        model = models.create_model(args.model, pretrained=args.pretrained, num_classes=args.nb_classes,
+                                    drop_rate=args.drop, drop_path_rate=args.drop_path, drop_block_rate=None,
+                                    img_size=args.input_size,
                                     **models.parse_model_kwargs(args.model_kwargs))
     except (ValueError, TypeError) as e:
         utils.fail(str(e).splitlines()[0] if str(e) else repr(e))
+    if args.pretrained:
+        utils.log(models.hub.describe_start(model))
     if args.finetune:
         try:
             load_finetune(model, args.finetune, args.unsafe_load)
@@ -419,6 +418,8 @@ def run(args):
             where = f'step {resume_step}/{steps_per_epoch} of ' if resume_step else ''
             utils.log(f'Resumed from {resume} (epoch {ckpt["epoch"]}); training continues at {where}epoch '
                       f'{args.start_epoch}')
+        elif not args.eval:
+            utils.log(f'Loaded weights from {resume}; it holds no training state, so training starts at epoch 0')
         else:
             utils.log(f'Loaded weights from {resume}')
         if model_ema is not None and (absent or 'model_ema' not in ckpt):

@@ -5,9 +5,10 @@ import sys
 
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, register_model
+from timm.models import register_model
 
-RELEASED_WEIGHTS = 'https://huggingface.co/peihaowang/vit-anti-oversmoothing'
+from . import hub
+
 OUR_MODULES = ('deit', 'cait')
 
 
@@ -23,22 +24,19 @@ def default_cfg(img_size: int = 224, crop_pct: float = 0.875) -> dict:
 def register_variant(module_name: str, name: str, model_cls, cfg: dict, **model_args) -> None:
     """Register `name` as a timm entrypoint defined in `module_name` that builds `model_cls(**model_args)`.
 
-    Keyword arguments given to `timm.create_model` override `model_args` (e.g. `img_size`).
+    Keyword arguments given to `timm.create_model` override `model_args` (e.g. `img_size`). The four released
+    variants get their Hub location in `cfg`, so `pretrained=True` loads their weights (models/hub.py).
     """
     module = sys.modules[module_name]
 
     def entrypoint(pretrained: bool = False, **kwargs):
-        if pretrained:
-            raise ValueError(
-                f'{name}: weights are never downloaded at run time; get the released checkpoint from '
-                f'{RELEASED_WEIGHTS} and load it with --resume (main.py) or models.load_checkpoint()')
         feature_cfg = dict(out_indices=kwargs.pop('out_indices', 3), feature_cls='getter')
-        return build_model_with_cfg(model_cls, name, pretrained, feature_cfg=feature_cfg, **dict(model_args, **kwargs))
+        return hub.build(model_cls, name, pretrained, feature_cfg=feature_cfg, **dict(model_args, **kwargs))
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = module_name
     entrypoint.__doc__ = f'{name}: {model_cls.__name__}({", ".join(f"{k}={v}" for k, v in model_args.items())})'
-    module.default_cfgs[name] = cfg
+    module.default_cfgs[name] = hub.released_cfg(name, cfg)
     setattr(module, name, register_model(entrypoint))
 
 
@@ -48,12 +46,14 @@ def list_variants() -> list:
 
 
 def create_model(name: str, **kwargs):
-    """`timm.create_model` that fails on an unknown name with the closest registered names."""
+    """`timm.create_model` that fails on an unknown name with the closest registered names, and on pretrained
+    weights it can neither find in the Hugging Face cache nor download, with one line saying what to do."""
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, list_variants() + timm.list_models(), n=5, cutoff=0.5)
         hint = f'; closest: {", ".join(close)}' if close else ''
         raise ValueError(f'unknown model {name!r}{hint} (python main.py --list-models prints them all)')
-    return timm.create_model(name, **kwargs)
+    with hub.hub_errors(name, kwargs.get('cache_dir')):
+        return timm.create_model(name, **kwargs)
 
 
 def parse_model_kwargs(items) -> dict:
