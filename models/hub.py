@@ -11,6 +11,7 @@ only) apply as for any Hub model; `pretrained_cfg_overlay=dict(file=<path>)` loa
 import contextlib
 import os
 import pickle
+import re
 
 import timm
 from huggingface_hub import constants as hf_constants
@@ -93,13 +94,8 @@ def hub_errors(name: str, cache_dir=None):
     the repository, the file, the cache and the offline switch; a file the safe unpickler refuses, likewise."""
     try:
         yield
-    except (HUB_ERRORS + (pickle.UnpicklingError,)) as e:
-        cfg = timm.models.get_pretrained_cfg(name) or timm.models.PretrainedCfg()
-        repo, file = cfg.hf_hub_id, cfg.hf_hub_filename or 'model.safetensors'
-        if isinstance(e, pickle.UnpicklingError):
-            raise CheckpointError(
-                f'{name}: pretrained weights {repo}/{file} were refused by the safe loader ({first_line(e)}); '
-                'if you trust the file, download it and pass it to main.py with --finetune and --unsafe-load') from None
+    except HUB_ERRORS as e:
+        repo, file = hub_location(name)
         why = ('HF_HUB_OFFLINE=1 is set' if hf_constants.HF_HUB_OFFLINE
                else f'the Hub is not reachable ({first_line(e)})')
         raise ValueError(
@@ -107,6 +103,21 @@ def hub_errors(name: str, cache_dir=None):
             f'{cache_dir or hf_constants.HF_HUB_CACHE} and {why}; download them where the Hub is reachable '
             f'(hf download {repo} {file}), point HF_HUB_CACHE at a cache that holds them, or give a local copy '
             '(pretrained_cfg_overlay=dict(file=...))') from None
+    except RuntimeError as e:  # timm's weights_only load re-raises the unpickler's refusal as a RuntimeError
+        if not isinstance(e.__cause__, pickle.UnpicklingError):
+            raise
+        found = re.search(r'Unsupported globals: (.*?)\.(\s|$)', str(e))
+        repo, file = hub_location(name)
+        raise CheckpointError(
+            f'{name}: pretrained weights {repo}/{file} were refused by the safe loader (it pickles '
+            f'{found.group(1) if found else "objects that are not tensors"}); if you trust the file, pass it to '
+            'main.py (--finetune or --resume) with --unsafe-load') from None
+
+
+def hub_location(name: str) -> tuple:
+    """(repository, file) that timm's loader downloads for `name`'s pretrained weights."""
+    cfg = timm.models.get_pretrained_cfg(name) or timm.models.PretrainedCfg()
+    return cfg.hf_hub_id, cfg.hf_hub_filename or 'model.safetensors'
 
 
 def describe_start(model) -> str:
@@ -115,7 +126,7 @@ def describe_start(model) -> str:
     notes = []
     if model.num_classes != cfg['num_classes']:
         notes.append(f"head re-initialised for {model.num_classes} classes (the weights have {cfg['num_classes']})")
-    size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
+    size = model.patch_embed.img_size if getattr(model, 'pos_embed', None) is not None else None
     if size is not None and tuple(size) != tuple(cfg['input_size'][1:]):
         notes.append(f"position embedding resized from {cfg['input_size'][-1]} px to {size[-1]} px")
     return f'Starting from the pretrained weights {weights_location(cfg)}' + (f'; {"; ".join(notes)}' if notes else '')

@@ -153,15 +153,16 @@ def exported(checkpoint, tmp_path):
 
 def test_main_eval_resume_safetensors_equals_the_checkpoint(exported):
     path, weights, common = exported
-    results = [re.findall(r'\* Acc@1 [\d.]+ Acc@5 [\d.]+ loss [\d.]+', run_main(common + ['--eval', '--resume', f]).stdout)
-               for f in (path, weights)]
+    summary = r'\* Acc@1 [\d.]+ Acc@5 [\d.]+ loss [\d.]+'
+    results = [re.findall(summary, run_main(common + ['--eval', '--resume', f]).stdout) for f in (path, weights)]
     assert len(results[0]) == 1 and results[0] == results[1]
 
 
 def test_main_resume_from_safetensors_trains_from_epoch_0(exported, tmp_path):
     _, weights, common = exported
     out = tmp_path / 'run'
-    proc = run_main(common + ['--resume', weights, '--epochs', '1', '--output_dir', out, '--mixup', '0', '--cutmix', '0',
-                              '--reprob', '0', '--aa', 'none', '--warmup-epochs', '0', '--no-log-tensorboard'])
+    proc = run_main(common + ['--resume', weights, '--epochs', '1', '--output_dir', out, '--mixup', '0',
+                              '--cutmix', '0', '--reprob', '0', '--aa', 'none', '--warmup-epochs', '0',
+                              '--no-log-tensorboard'])
     assert f'Loaded weights from {weights}; it holds no training state, so training starts at epoch 0' in proc.stdout
     assert [json.loads(line)['epoch'] for line in (out / 'log.txt').read_text().splitlines()] == [0]

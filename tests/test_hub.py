@@ -119,8 +119,8 @@ def test_pretrained_loads_exactly_the_released_tensors(wrapping, cache):
         model = timm.create_model(name, pretrained=True, **TINY)
         assert_same_tensors(model, state)  # the `model` weights, never the EMA copy of a training checkpoint
         assert 'state_dict' not in model.pretrained_cfg
-        local = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(snapshot / RELEASED[name])),
-                                  **TINY)
+        local_copy = dict(file=str(snapshot / RELEASED[name]))
+        local = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=local_copy, **TINY)
         assert_same_tensors(local, state)  # a local copy of the file loads the same weights
 
 
@@ -186,7 +186,8 @@ def test_a_file_for_another_model_fails_with_the_key_report(cache, tmp_path):
                           'blocks.0.attn.lamb, blocks.1.attn.lamb; 4 unexpected: blocks.0.lamb1')
     assert '\n' not in msg
     with pytest.raises(CheckpointError, match=r'pretrained file \S+/absent.pth does not exist'):
-        timm.create_model('attnscale_small_12', pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / 'absent.pth')))
+        timm.create_model('attnscale_small_12', pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / 'absent.pth')))
 
 
 def test_torch_hub_load_pretrained(cache):
@@ -252,7 +253,22 @@ def test_main_pretrained_errors_are_one_line(cache, tmp_path):
     assert len(lines) == 1, proc.stderr
     assert (f'featscale_small_12: pretrained weights {HF_HUB_ID}/featscale_small_12.pth are not in the Hugging Face '
             f'cache {cache} and HF_HUB_OFFLINE=1 is set;') in lines[0]
-    both = run_main(['--model', 'featscale_small_12', '--pretrained', '--finetune', 'x.pth', '--data-path', data, *EVAL],
-                    env)
+    both = run_main(['--model', 'featscale_small_12', '--pretrained', '--finetune', 'x.pth', '--data-path', data,
+                     *EVAL], env)
     assert both.returncode == 2
     assert both.stderr == 'error: --pretrained and --finetune both choose the starting weights; pass one of them\n'
+
+
+class Payload:
+    """A pickled object of a class, which the safe loader refuses (it could run code on load)."""
+
+
+def test_a_file_the_safe_loader_refuses_fails_in_one_line(cache):
+    publish(cache, HF_HUB_ID, {'attnscale_small_12.pth': {'model': released_states()['attnscale_small_12'],
+                                                          'extra': Payload()}})
+    with pytest.raises(CheckpointError) as e:
+        timm.create_model('attnscale_small_12', pretrained=True, **TINY)
+    msg = str(e.value)
+    assert msg == (f'attnscale_small_12: pretrained weights {HF_HUB_ID}/attnscale_small_12.pth were refused by the '
+                   'safe loader (it pickles test_hub.Payload); if you trust the file, pass it to main.py (--finetune '
+                   'or --resume) with --unsafe-load')
