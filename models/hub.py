@@ -68,7 +68,8 @@ def build(model_cls, name: str, pretrained: bool, **kwargs):
             kwargs['pretrained_cfg_overlay'] = local_file_overlay(name, cfg, overlay)
         elif not (cfg.has_weights or cfg.state_dict):
             raise ValueError(f'{name} has no released weights; pretrained=True loads them for {", ".join(RELEASED)} '
-                             '(or give a checkpoint: pretrained_cfg_overlay=dict(file=<path>))')
+                             '(or give a checkpoint: pretrained_cfg_overlay=dict(file=<path>), '
+                             'main.py --finetune <path>)')
     with hub_errors(name, kwargs.get('cache_dir')):
         model = build_model_with_cfg(model_cls, name, pretrained, pretrained_filter_fn=filter_fn, **kwargs)
     model.pretrained_cfg.pop('state_dict', None)  # the weights are in the model; do not keep a second copy
@@ -102,7 +103,7 @@ def hub_errors(name: str, cache_dir=None):
             f'{name}: pretrained weights {repo}/{file} are not in the Hugging Face cache '
             f'{cache_dir or hf_constants.HF_HUB_CACHE} and {why}; download them where the Hub is reachable '
             f'(hf download {repo} {file}), point HF_HUB_CACHE at a cache that holds them, or give a local copy '
-            '(pretrained_cfg_overlay=dict(file=...))') from None
+            '(pretrained_cfg_overlay=dict(file=<path>), main.py --finetune <path>)') from None
     except RuntimeError as e:  # timm's weights_only load re-raises the unpickler's refusal as a RuntimeError
         if not isinstance(e.__cause__, pickle.UnpicklingError):
             raise

@@ -173,7 +173,7 @@ def test_a_name_without_released_weights_names_the_four_that_have_them():
     assert str(e.value) == (
         'attnscale_small_24 has no released weights; pretrained=True loads them for attnscale_small_12, '
         'featscale_small_12, attnscale_cait_XXS24_224, featscale_cait_XXS24_224 '
-        '(or give a checkpoint: pretrained_cfg_overlay=dict(file=<path>))')
+        '(or give a checkpoint: pretrained_cfg_overlay=dict(file=<path>), main.py --finetune <path>)')
 
 
 def test_a_file_for_another_model_fails_with_the_key_report(cache, tmp_path):
