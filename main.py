@@ -29,7 +29,8 @@ import utils
 from datasets import DatasetError, build_dataset
 from engine import NonFiniteLossError, evaluate, throughput, train_one_epoch
 from losses import DistillationLoss, build_criterion
-from models.checkpoint import ADDON_KEY, CheckpointError, load_checkpoint, load_state_dict, model_state
+from models.checkpoint import (ADDON_KEY, CheckpointError, interpolate_pos_embed, load_checkpoint, load_state_dict,
+                               model_state)
 from samplers import RASampler, ResumableSampler
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM after a checkpoint; rerun with --auto_reload
@@ -50,6 +51,9 @@ def get_args_parser():
                    help='install AttnScale or FeatScale (gains at zero) into a timm ViT, CaiT or Swin --model')
     g.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
                    help='extra create_model arguments, e.g. patch_size=2 embed_dim=96 num_heads=3')
+    g.add_argument('--pretrained', action='store_true',
+                   help="start from the model's pretrained weights (the released ones, or timm's for a timm model; "
+                        'from the Hugging Face cache): head re-initialised for another class count, pos_embed resized')
     g.add_argument('--input-size', default=224, type=int, help='image size')
     g.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
     g.add_argument('--drop-path', type=float, default=0.1, metavar='PCT', help='drop path rate')
@@ -180,6 +184,8 @@ def check_args(args):
     for flag, value in sorted(vars(args).items()):
         if isinstance(value, float) and not math.isfinite(value):
             utils.fail(f'--{flag.replace("_", "-")} {value} is not a finite number; fix: pass a number')
+    if args.pretrained and args.finetune:
+        utils.fail('--pretrained and --finetune both choose the starting weights; pass one of them')
     for flag in ('resume', 'finetune'):
         path = getattr(args, flag)
         if path and os.path.isdir(path):
@@ -333,21 +339,11 @@ def build_data(args) -> Data:
 def build_model(args, num_classes: int) -> torch.nn.Module:
     """`args.model` with the flags' image size, drop rates and --model-kwargs: the one place a model is created."""
     try:
-        return models.create_model(args.model, addon=args.addon, num_classes=num_classes, drop_rate=args.drop,
-                                   drop_path_rate=args.drop_path, drop_block_rate=None, img_size=args.input_size,
-                                   **models.parse_model_kwargs(args.model_kwargs))
+        return models.create_model(args.model, addon=args.addon, pretrained=args.pretrained, num_classes=num_classes,
+                                   drop_rate=args.drop, drop_path_rate=args.drop_path, drop_block_rate=None,
+                                   img_size=args.input_size, **models.parse_model_kwargs(args.model_kwargs))
     except (ValueError, TypeError) as e:
         utils.fail(str(e).splitlines()[0] if str(e) else repr(e))
-
-
-def interpolate_pos_embed(model, state: dict):
-    """Resize a checkpoint's `pos_embed` to the model's patch grid (bicubic), keeping prefix tokens."""
-    from timm.layers import resample_abs_pos_embed
-    if 'pos_embed' not in state or state['pos_embed'].shape == model.pos_embed.shape:
-        return
-    num_prefix = model.pos_embed.shape[1] - model.patch_embed.num_patches
-    state['pos_embed'] = resample_abs_pos_embed(state['pos_embed'], new_size=model.patch_embed.grid_size,
-                                                num_prefix_tokens=num_prefix)
 
 
 def load_finetune(model, path: str, unsafe: bool):
@@ -370,6 +366,9 @@ def prepare_model(args, num_classes: int, device: torch.device):
     """The plain model (fine-tune weights loaded, distilled training on, moved to `device`) and its EMA copy."""
     utils.log(f'Creating model: {args.model}')
     model = build_model(args, num_classes)
+    if args.pretrained:
+        addon = f'; the {args.addon} gains start at zero' if args.addon else ''
+        utils.log(models.hub.describe_start(model) + addon)
     if args.finetune:
         try:
             load_finetune(model, args.finetune, args.unsafe_load)
@@ -612,6 +611,8 @@ def restore(args, state: TrainingState, steps_per_epoch: int) -> MidEpoch:
         where = f'step {mid.step}/{steps_per_epoch} of ' if mid.step else ''
         utils.log(f'Resumed from {path} (epoch {state.epoch}); training continues at {where}epoch '
                   f'{state.epoch + 1}')
+    elif not args.eval:
+        utils.log(f'Loaded weights from {path}; it holds no training state, so training starts at epoch 0')
     else:
         utils.log(f'Loaded weights from {path}')
     if state.model_ema is not None and not resumed:  # weights only: the EMA starts from them

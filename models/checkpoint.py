@@ -1,4 +1,5 @@
-"""Reading checkpoints safely and loading weights with a report of every key that does not fit."""
+"""Reading checkpoints safely (`.pth` and `.safetensors`) and loading weights with a report of every key that
+does not fit. Every weight file this project reads goes through `load_checkpoint` and `model_state`."""
 import argparse
 import os
 import pickle
@@ -6,9 +7,11 @@ import re
 import zipfile
 from collections import OrderedDict
 
+import safetensors.torch
 import torch
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint_filter_fn
+from safetensors import SafetensorError
 
 ADDON_KEY = re.compile(r'(^|\.)(lamb|lamb1|lamb2)$')  # AttnScale / FeatScale parameters
 # The official Swin trainer pickles its yacs config (a dict subclass holding plain values): read as an OrderedDict
@@ -20,7 +23,8 @@ class CheckpointError(ValueError):
 
 
 def load_checkpoint(path: str, allow_unsafe: bool = False) -> dict:
-    """Read a checkpoint file with `torch.load(weights_only=True)`.
+    """Read a checkpoint file: `.safetensors` (weights only, e.g. from scripts/export_weights.py) or a
+    `torch.save` file with `torch.load(weights_only=True)`.
 
     The official training checkpoints pickle `args` as an `argparse.Namespace`, which is allowed
     explicitly; nothing else that executes code on load is. A checkpoint of the official Swin trainer
@@ -30,6 +34,12 @@ def load_checkpoint(path: str, allow_unsafe: bool = False) -> dict:
     """
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint {path} does not exist: check the path given to --resume/--finetune')
+    if str(path).endswith('.safetensors'):
+        try:
+            return safetensors.torch.load_file(path, device='cpu')
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f'checkpoint {path} is corrupt or truncated ({first_line(e)}); delete it or pick '
+                                  'another file') from None
     try:
         with torch.serialization.safe_globals([argparse.Namespace, YACS_CONFIG]):
             ckpt = torch.load(path, map_location='cpu', weights_only=not allow_unsafe)
@@ -37,13 +47,12 @@ def load_checkpoint(path: str, allow_unsafe: bool = False) -> dict:
         raise CheckpointError(f'checkpoint {path} pickles objects of the module {e.name}, which is not installed: '
                               'load it without --unsafe-load, or install that module') from None
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f'checkpoint {path} was refused by the safe loader ({first}); it may carry pickled code. '
+            f'checkpoint {path} was refused by the safe loader ({first_line(e)}); it may carry pickled code. '
             'Pass --unsafe-load only if you trust the file') from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f'checkpoint {path} is corrupt or truncated ({first}); delete it or pick another file') from None
+        raise CheckpointError(f'checkpoint {path} is corrupt or truncated ({first_line(e)}); delete it or pick '
+                              'another file') from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f'checkpoint {path} holds a {type(ckpt).__name__}, not a dict of weights')
     if isinstance(ckpt.get('args'), argparse.Namespace):
@@ -52,6 +61,12 @@ def load_checkpoint(path: str, allow_unsafe: bool = False) -> dict:
         for key in ('optimizer', 'lr_scheduler'):
             ckpt.pop(key, None)
     return ckpt
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its class name when it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def model_state(ckpt: dict) -> dict:
@@ -75,7 +90,31 @@ def to_model_layout(model: torch.nn.Module, state: dict) -> dict:
         return state
 
 
-def load_state_dict(model: torch.nn.Module, state: dict, allow_missing_addons: bool = False, source: str = 'checkpoint'):
+def fit_report(model: torch.nn.Module, state: dict, optional=()) -> str:
+    """'' when `state` has exactly the model's keys and shapes, else one line naming every missing,
+    unexpected or mis-shaped key. Keys in `optional` may be absent or shaped differently."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and k not in optional]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f'{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}'
+              for k in own if k in state and k not in optional and state[k].shape != own[k].shape]
+
+    def show(keys):
+        return ', '.join(keys[:8]) + (f' (+{len(keys) - 8} more)' if len(keys) > 8 else '')
+    return '; '.join(f'{len(v)} {what}: {show(v)}' for what, v in
+                     (('missing', missing), ('unexpected', unexpected), ('with another shape', shapes)) if v)
+
+
+def check_fit(model: torch.nn.Module, state: dict, source: str, optional=()) -> None:
+    """Raise a one-line CheckpointError unless `state` fits `model` (see `fit_report`)."""
+    report = fit_report(model, state, optional)
+    if report:
+        raise CheckpointError(f'{source} does not fit {type(model).__name__} ({report}); '
+                              'check that --model matches the checkpoint')
+
+
+def load_state_dict(model: torch.nn.Module, state: dict, allow_missing_addons: bool = False,
+                    source: str = 'checkpoint'):
     """Load `state` into `model` strictly, or fail naming every missing, unexpected or mis-shaped key.
     A checkpoint in another layout of the model's family is mapped first (`to_model_layout`).
 
@@ -84,19 +123,17 @@ def load_state_dict(model: torch.nn.Module, state: dict, allow_missing_addons: b
     Returns the list of add-on keys that were absent.
     """
     state = to_model_layout(model, state)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f'{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}'
-              for k in own if k in state and state[k].shape != own[k].shape]
-    addons = [k for k in missing if ADDON_KEY.search(k)] if allow_missing_addons else []
-    missing = [k for k in missing if k not in addons]
-    if missing or unexpected or shapes:
-        def show(keys):
-            return ', '.join(keys[:8]) + (f' (+{len(keys) - 8} more)' if len(keys) > 8 else '')
-        parts = [f'{len(v)} {what}: {show(v)}' for what, v in
-                 (('missing', missing), ('unexpected', unexpected), ('with another shape', shapes)) if v]
-        raise CheckpointError(f'{source} does not fit {type(model).__name__} ({"; ".join(parts)}); '
-                              'check that --model matches the checkpoint')
-    model.load_state_dict({k: v for k, v in state.items()}, strict=not addons)
+    addons = [k for k in model.state_dict() if k not in state and ADDON_KEY.search(k)] if allow_missing_addons else []
+    check_fit(model, state, source, optional=addons)
+    model.load_state_dict(state, strict=not addons)
     return addons
+
+
+def interpolate_pos_embed(model: torch.nn.Module, state: dict) -> None:
+    """Resize a checkpoint's `pos_embed` in place to the model's patch grid (bicubic), keeping prefix tokens."""
+    from timm.layers import resample_abs_pos_embed
+    if 'pos_embed' not in state or state['pos_embed'].shape == model.pos_embed.shape:
+        return
+    num_prefix = model.pos_embed.shape[1] - model.patch_embed.num_patches
+    state['pos_embed'] = resample_abs_pos_embed(state['pos_embed'], new_size=model.patch_embed.grid_size,
+                                                num_prefix_tokens=num_prefix)

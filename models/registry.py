@@ -5,11 +5,11 @@ import sys
 
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, register_model
+from timm.models import register_model
 
+from . import hub
 from .plugin import ADDONS, apply_addon
 
-RELEASED_WEIGHTS = 'https://huggingface.co/peihaowang/vit-anti-oversmoothing'
 OUR_MODULES = ('deit', 'cait', 'swin')
 
 
@@ -26,24 +26,21 @@ def register_variant(module_name: str, name: str, model_cls, cfg: dict, feature_
                      **model_args) -> None:
     """Register `name` as a timm entrypoint defined in `module_name` that builds `model_cls(**model_args)`.
 
-    Keyword arguments given to `timm.create_model` override `model_args` (e.g. `img_size`). `feature_cfg`:
+    Keyword arguments given to `timm.create_model` override `model_args` (e.g. `img_size`). The four released
+    variants get their Hub location in `cfg`, so `pretrained=True` loads their weights (models/hub.py). `feature_cfg`:
     how timm's `features_only` wraps the model (default: the ViT getter on the last block).
     """
     feature_cfg = feature_cfg or dict(out_indices=3, feature_cls='getter')
     module = sys.modules[module_name]
 
     def entrypoint(pretrained: bool = False, **kwargs):
-        if pretrained:
-            raise ValueError(
-                f'{name}: weights are never downloaded at run time; get the released checkpoint from '
-                f'{RELEASED_WEIGHTS} and load it with --resume (main.py) or models.load_checkpoint()')
         features = dict(feature_cfg, out_indices=kwargs.pop('out_indices', feature_cfg['out_indices']))
-        return build_model_with_cfg(model_cls, name, pretrained, feature_cfg=features, **dict(model_args, **kwargs))
+        return hub.build(model_cls, name, pretrained, feature_cfg=features, **dict(model_args, **kwargs))
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = module_name
     entrypoint.__doc__ = f'{name}: {model_cls.__name__}({", ".join(f"{k}={v}" for k, v in model_args.items())})'
-    module.default_cfgs[name] = cfg
+    module.default_cfgs[name] = hub.released_cfg(name, cfg)
     setattr(module, name, register_model(entrypoint))
 
 
@@ -53,10 +50,12 @@ def list_variants() -> list:
 
 
 def create_model(name: str, addon: str = None, **kwargs):
-    """`timm.create_model` that fails on an unknown name with the closest registered names.
+    """`timm.create_model` that fails on an unknown name with the closest registered names, and on pretrained
+    weights it can neither find in the Hugging Face cache nor download, with one line saying what to do.
 
     `addon` ('attnscale' or 'featscale') installs that add-on into the model (see `plugin.apply_addon`), with
-    its gains at zero; a name that carries an add-on already is refused.
+    its gains at zero, after any pretrained weights of the base model are loaded; a name that carries an add-on
+    already is refused.
     """
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, sorted(set(list_variants() + timm.list_models())), n=5, cutoff=0.5)
@@ -64,7 +63,8 @@ def create_model(name: str, addon: str = None, **kwargs):
         raise ValueError(f'unknown model {name!r}{hint} (python main.py --list-models prints them all)')
     if addon and name.split('_')[0] in ADDONS:
         raise ValueError(f'--addon {addon}: {name} carries an add-on already; drop --addon or pick a base model')
-    model = timm.create_model(name, **kwargs)
+    with hub.hub_errors(name, kwargs.get('cache_dir')):
+        model = timm.create_model(name, **kwargs)
     return apply_addon(model, addon) if addon else model
 
 

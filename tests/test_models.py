@@ -243,11 +243,6 @@ def test_module_prefixed_checkpoint_loads(tmp_path):
     torch.testing.assert_close(model.blocks[3].attn.qkv.weight, base.blocks[3].attn.qkv.weight, rtol=0, atol=0)
 
 
-def test_pretrained_true_refuses_to_download():
-    with pytest.raises(ValueError, match='never downloaded'):
-        timm.create_model('attnscale_small_12', pretrained=True)
-
-
 def test_torch_hub_local(tmp_path):
     root = Path(__file__).resolve().parents[1]
     model = torch.hub.load(str(root), 'attnscale_tiny_12', source='local', num_classes=3, img_size=32)

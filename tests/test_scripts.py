@@ -17,7 +17,8 @@ from torchvision.datasets import imagenet
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / 'scripts'
 
-# The paper's reproduction commands, verbatim; {data} and {ckpt} are the paths given to the script.
+# The paper's reproduction commands, verbatim; {data} and {ckpt} are the paths given to the script. The
+# evaluation takes the released weights with --pretrained where the paper passes --resume <file> (see below).
 PAPER = {
     'train_attnscale_small_12.sh': 'python -m torch.distributed.launch --nproc_per_node=2 --master_port 29700 --use_env main.py --auto_reload --model attnscale_small_12 --batch-size 512 --data-path {data} --data-set IMNET --input-size 224 --output_dir ./logs/imnet1k_attnscale_small_12',
     'train_featscale_small_12.sh': 'python -m torch.distributed.launch --nproc_per_node=2 --master_port 29701 --use_env main.py --auto_reload --model featscale_small_12 --batch-size 512 --data-path {data} --data-set IMNET --input-size 224 --output_dir ./logs/imnet1k_featscale_small_12',
@@ -25,9 +26,9 @@ PAPER = {
     'train_featscale_small_24.sh': 'python -m torch.distributed.launch --nproc_per_node=2 --master_port 29703 --use_env main.py --auto_reload --model featscale_small_24 --batch-size 256 --drop 0.2 --data-path {data} --data-set IMNET --input-size 224 --output_dir ./logs/imnet1k_featscale_small_24',
     'finetune_attnscale_cait_S24_224.sh': 'python -m torch.distributed.launch --nproc_per_node=2 --master_port 29704 --use_env main.py --auto_reload --model attnscale_cait_S24_224 --batch-size 128 --epochs 60 --lr 5e-5 --weight-decay 5e-4 --min-lr 1e-6 --warmup-epochs 1 --decay-epochs 5 --data-path {data} --data-set IMNET --input-size 224 --output_dir ./logs/imnet1k_attnscale_cait_S24_224 --resume {ckpt}',
     'finetune_featscale_cait_S24_224.sh': 'python -m torch.distributed.launch --nproc_per_node=2 --master_port 29705 --use_env main.py --auto_reload --model featscale_cait_S24_224 --batch-size 128 --epochs 60 --lr 5e-5 --weight-decay 5e-4 --min-lr 1e-6 --warmup-epochs 1 --decay-epochs 5 --data-path {data} --data-set IMNET --input-size 224 --output_dir ./logs/imnet1k_featscale_cait_S24_224 --resume {ckpt}',
-    'eval_released.sh': 'python -m torch.distributed.launch --nproc_per_node=2 --master_port 29701 --use_env main.py --model attnscale_small_12 --batch-size 256 --drop 0.2 --data-path {data} --data-set IMNET --input-size 224 --output_dir ./logs/eval_attnscale_small_12 --eval --resume {ckpt}',
+    'eval_released.sh': 'python -m torch.distributed.launch --nproc_per_node=2 --master_port 29701 --use_env main.py --model attnscale_small_12 --batch-size 256 --drop 0.2 --data-path {data} --data-set IMNET --input-size 224 --output_dir ./logs/eval_attnscale_small_12 --eval --pretrained',
 }
-NEEDS_CKPT = ('finetune_attnscale_cait_S24_224.sh', 'finetune_featscale_cait_S24_224.sh', 'eval_released.sh')
+NEEDS_CKPT = ('finetune_attnscale_cait_S24_224.sh', 'finetune_featscale_cait_S24_224.sh')
 LAUNCH_ENV = ('DATA_PATH', 'CKPT', 'NPROC', 'MASTER_PORT', 'OUTPUT_DIR', 'PYTHON', 'MODEL')
 
 
@@ -56,15 +57,12 @@ def paths(tmp_path):
     data, ckpts = tmp_path / 'imagenet', tmp_path / 'ckpts'
     data.mkdir()
     ckpts.mkdir()
-    for name in ('S24_224.pth', 'attnscale_small_12.pth', 'featscale_small_24.pth'):
+    for name in ('S24_224.pth', 'attnscale_small_12.pth', 'featscale_cait_xxs24_224.pth'):
         (ckpts / name).touch()
     return data, ckpts
 
 
 def ckpt_args(script, ckpts):
-    """The checkpoint argument a script gets, and the path its command should show."""
-    if script == 'eval_released.sh':
-        return [str(ckpts)], ckpts / 'attnscale_small_12.pth'  # a folder: <folder>/<model>.pth
     return [str(ckpts / 'S24_224.pth')], ckpts / 'S24_224.pth'
 
 
@@ -114,13 +112,28 @@ def test_missing_checkpoint_is_a_usage_error(script, paths):
         assert ('no checkpoint given' if not args else 'is not a file') in result.stderr
 
 
-def test_eval_takes_a_model_name_and_a_checkpoint_file(paths):
+def test_eval_takes_a_released_model_name_and_optionally_a_checkpoint(paths):
     data, ckpts = paths
-    result = run_script('eval_released.sh', '--dry-run', str(data), str(ckpts), 'featscale_small_24')
-    assert '--model featscale_small_24 ' in result.stdout
-    assert f'--output_dir ./logs/eval_featscale_small_24 --eval --resume {ckpts}/featscale_small_24.pth\n' in result.stdout
-    direct = run_script('eval_released.sh', '--dry-run', str(data), str(ckpts / 'attnscale_small_12.pth'))
-    assert direct.stdout == '+ ' + PAPER['eval_released.sh'].format(data=data, ckpt=ckpts / 'attnscale_small_12.pth') + '\n'
+    cait = run_script('eval_released.sh', '--dry-run', str(data), 'featscale_cait_XXS24_224')
+    assert cait.stdout.endswith(' --output_dir ./logs/eval_featscale_cait_XXS24_224 --eval --pretrained\n')
+    assert ' --model featscale_cait_XXS24_224 ' in cait.stdout
+    folder = run_script('eval_released.sh', '--dry-run', str(data), 'featscale_cait_XXS24_224', str(ckpts))
+    assert folder.stdout.endswith(f' --eval --resume {ckpts}/featscale_cait_xxs24_224.pth\n')  # the Hub's file name
+    file = ckpts / 'attnscale_small_12.pth'
+    direct = run_script('eval_released.sh', '--dry-run', str(data), 'attnscale_small_12', str(file))
+    paper = PAPER['eval_released.sh'].format(data=data).replace('--eval --pretrained', f'--eval --resume {file}')
+    assert direct.stdout == f'+ {paper}\n'  # the paper's own command
+
+
+def test_eval_refuses_other_models_and_missing_files(paths):
+    data, ckpts = paths
+    other = run_script('eval_released.sh', '--dry-run', str(data), 'featscale_small_24')
+    assert other.returncode == 2 and other.stdout == ''
+    assert other.stderr.startswith('eval_released.sh: error: featscale_small_24 has no released weights; MODEL is one '
+                                   'of: attnscale_small_12, featscale_small_12, attnscale_cait_XXS24_224, '
+                                   'featscale_cait_XXS24_224; usage: ')
+    missing = run_script('eval_released.sh', '--dry-run', str(data), 'attnscale_cait_XXS24_224', str(ckpts))
+    assert missing.returncode == 2 and 'attnscale_cait_xxs24_224.pth\' is not a file' in missing.stderr
 
 
 def test_bad_options_are_usage_errors(paths):
