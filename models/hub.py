@@ -18,7 +18,8 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
-from .checkpoint import CheckpointError, check_fit, first_line, interpolate_pos_embed, load_checkpoint, model_state
+from .checkpoint import (CheckpointError, check_fit, first_line, interpolate_pos_embed, load_checkpoint, model_state,
+                         to_model_layout)
 
 HF_HUB_ID = 'peihaowang/vit-anti-oversmoothing'
 RELEASED = {  # model name -> its file in HF_HUB_ID
@@ -48,7 +49,7 @@ def filter_fn(state_dict: dict, model) -> dict:
     """timm's `pretrained_filter_fn`: the model weights of a checkpoint (training state and a DDP `module.` prefix
     dropped) with `pos_embed` resized to the model's patch grid. Anything else that does not fit fails in one line;
     the classifier may differ when the model has another number of classes (timm re-initialises it)."""
-    state = model_state(state_dict)
+    state = to_model_layout(model, model_state(state_dict))
     interpolate_pos_embed(model, state)
     cfg = model.pretrained_cfg
     heads = (cfg.get('classifier'),) if isinstance(cfg.get('classifier'), str) else cfg.get('classifier') or ()

@@ -272,3 +272,18 @@ def test_a_file_the_safe_loader_refuses_fails_in_one_line(cache):
     assert msg == (f'attnscale_small_12: pretrained weights {HF_HUB_ID}/attnscale_small_12.pth were refused by the '
                    'safe loader (it pickles test_hub.Payload); if you trust the file, pass it to main.py (--finetune '
                    'or --resume) with --unsafe-load')
+
+
+def test_addon_on_timm_pretrained_weights_starts_at_the_base_model(cache):
+    """`--model vit_tiny_patch16_224 --addon attnscale --pretrained`: timm's weights, lambdas at zero."""
+    torch.manual_seed(2)
+    kwargs = dict(depth=2, img_size=32)
+    source = timm.create_model('vit_tiny_patch16_224', **kwargs).state_dict()
+    publish(cache, timm.models.get_pretrained_cfg('vit_tiny_patch16_224').hf_hub_id, {'model.safetensors': source})
+    base = models.create_model('vit_tiny_patch16_224', pretrained=True, **kwargs).eval()
+    model = models.create_model('vit_tiny_patch16_224', addon='attnscale', pretrained=True, **kwargs).eval()
+    lambdas = {k: v for k, v in model.state_dict().items() if k.endswith('.lamb')}
+    assert len(lambdas) == 2 and all(not v.any() for v in lambdas.values())
+    assert_same_tensors(model, {**base.state_dict(), **lambdas})
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), base(x))
