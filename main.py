@@ -177,13 +177,15 @@ def check_args(args):
     if args.data_path == DEFAULT_DATA_PATH and not os.path.exists(DEFAULT_DATA_PATH):
         utils.fail(f'no --data-path given (the default {DEFAULT_DATA_PATH} is the authors\' cluster path); fix: pass '
                    '--data-path <folder with train/ and val/>, or run scripts/demo.sh for a dataset that ships offline')
-    for flag, minimum in (('batch_size', 1), ('input_size', 1), ('epochs', 0), ('num_workers', 0)):
-        if getattr(args, flag) < minimum:
-            utils.fail(f'--{flag.replace("_", "-")} {getattr(args, flag)} must be at least {minimum}; fix: pass a '
-                       f'value >= {minimum}')
-    for flag, value in sorted(vars(args).items()):
+    for dest, minimum in (('batch_size', 1), ('input_size', 1), ('epochs', 0), ('num_workers', 0)):
+        if getattr(args, dest) < minimum:
+            utils.fail(f'{option(dest)} {getattr(args, dest)} must be at least {minimum}; fix: pass a value >= '
+                       f'{minimum}')
+    for dest, value in sorted(vars(args).items()):
         if isinstance(value, float) and not math.isfinite(value):
-            utils.fail(f'--{flag.replace("_", "-")} {value} is not a finite number; fix: pass a number')
+            utils.fail(f'{option(dest)} {value} is not a finite number; fix: pass a number')
+    if not 0 <= args.smoothing < 1:
+        utils.fail(f'--smoothing {args.smoothing} must be in [0, 1); fix: pass e.g. 0.1, or 0 for none')
     if args.pretrained and args.finetune:
         utils.fail('--pretrained and --finetune both choose the starting weights; pass one of them')
     for flag in ('resume', 'finetune'):
@@ -192,6 +194,11 @@ def check_args(args):
             utils.fail(f'--{flag} {path} is a directory; fix: pass the checkpoint file in it, e.g. '
                        f'{os.path.join(path, "checkpoint.pth")}')
     check_distillation(args, check_model(args))
+
+
+def option(dest: str) -> str:
+    """How the flag of `args.<dest>` is spelled: 'batch_size' -> '--batch-size', 'num_workers' -> '--num_workers'."""
+    return next(a.option_strings[0] for a in get_args_parser()._actions if a.dest == dest)
 
 
 def check_model(args) -> torch.nn.Module:

@@ -3,7 +3,10 @@
 #   1. create .venv and install the requirements (skipped when present; SKIP_SETUP=1 uses the active python),
 #   2. export the digits as an ImageFolder (data/digits, idempotent),
 #   3. train each model of MODELS with 2 processes through torch.distributed.launch --use_env,
-#   4. evaluate each saved checkpoint with --eval --resume, and print a table.
+#   4. evaluate each saved checkpoint with --eval --resume, print a table, and plot val top-1 per epoch of every
+#      model into $OUT/curves.png.
+# While a model trains, one line per epoch (train loss, val top-1, elapsed, ETA); main.py's full output goes to
+# $OUT/<model>/train.out, its per-epoch numbers to $OUT/<model>/log.txt.
 # Idempotent: finished runs are not retrained (--auto_reload finds their last epoch).
 # Knobs (environment): MODELS, EPOCHS, NPROC, OUT, DATA, MASTER_PORT, and EXTRA (more main.py flags).
 set -euo pipefail
@@ -37,7 +40,7 @@ for model in $MODELS; do
   start=$(date +%s)
   echo "+ training $model for $EPOCHS epochs -> $dir" >&2
   launch --model "$model" "${RECIPE[@]}" --epochs "$EPOCHS" --output_dir "$dir" --auto_reload ${EXTRA:-} \
-    > "$dir/train.out"
+    | python scripts/demo_report.py follow --run "$dir" --epochs "$EPOCHS"
   if grep -q 'Epoch: \[' "$dir/train.out" || [ ! -f "$dir/minutes" ]; then  # trained now: record the time
     awk -v s="$(( $(date +%s) - start ))" 'BEGIN {printf "%.1f\n", s / 60}' > "$dir/minutes"
   fi
@@ -49,3 +52,6 @@ done
 
 printf '\n%-22s %10s %12s %9s\n' model params 'val top-1' minutes
 for row in "${rows[@]}"; do printf '%-22s %10s %11s%% %9s\n' $row; done
+runs=()
+for model in $MODELS; do runs+=("$OUT/$model"); done
+python scripts/demo_report.py curves --output "$OUT/curves.png" "${runs[@]}"

@@ -65,8 +65,10 @@ def test_image_folder_without_images(tmp_path):
 @pytest.mark.parametrize('flags,expected', [
     (['--batch-size', '0'], r'error: --batch-size 0 must be at least 1; fix: pass a value >= 1'),
     (['--epochs', '-1'], r'error: --epochs -1 must be at least 0; fix: pass a value >= 0'),
+    (['--num_workers', '-2'], r'error: --num_workers -2 must be at least 0; fix: pass a value >= 0'),
     (['--lr', 'nan'], r'error: --lr nan is not a finite number; fix: pass a number'),
     (['--weight-decay', 'inf'], r'error: --weight-decay inf is not a finite number; fix: pass a number'),
+    (['--smoothing', '1'], r'error: --smoothing 1\.0 must be in \[0, 1\); fix: pass e\.g\. 0\.1, or 0 for none'),
     (['--model-kwargs', 'embed_dim=96', 'num_heads=5'],
      r'error: --model-kwargs embed_dim=96 num_heads=5: the width embed_dim=96 does not split into num_heads=5 heads; '
      r'fix: pick num_heads among 1, 2, 3, 4, 6, 8, 12, 16, or an embed_dim that is a multiple of num_heads'),
