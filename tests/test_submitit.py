@@ -30,3 +30,21 @@ def test_submitit_requires_an_output_dir(capsys):
     with pytest.raises(SystemExit) as e:
         run_with_submitit.parse_args(['--model', 'deit_tiny_12'])
     assert e.value.code == 2 and '--output_dir is required' in capsys.readouterr().err
+
+
+def test_requeued_task_gets_the_arguments_as_parsed(monkeypatch):
+    """Each task runs main() on its own copy (dist_url env://); the requeue hook resubmits the parsed arguments,
+    which main() never changes, so a job requeued before its first checkpoint scales the learning rate once."""
+    import submitit
+    args = run_with_submitit.parse_args(['--model', 'deit_tiny_12', '--output_dir', '/tmp/x', '--lr', '5e-4',
+                                         '--dist_url', 'tcp://elsewhere:1'])
+    parsed = dict(vars(args))
+    received = []
+    monkeypatch.setattr(submitit.helpers, 'TorchDistributedEnvironment',
+                        lambda: type('Env', (), {'export': lambda self, **kwargs: None})())
+    monkeypatch.setattr(run_with_submitit.trainer, 'main', received.append)
+    task = run_with_submitit.Trainer(args)
+    task()
+    assert received[0] is not args and vars(received[0]) == dict(parsed, dist_url='env://')
+    requeued = task.checkpoint()
+    assert requeued.function.args is args and vars(args) == parsed and args.auto_reload

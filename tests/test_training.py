@@ -3,6 +3,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +104,27 @@ def test_eval_resume_reproduces_the_last_test_accuracy(trained, data):
     assert 'Accuracy of the network on the 20 test images' in proc.stdout
 
 
+def test_dist_eval_matches_single_process_accuracy_and_warns_about_padding(trained, data, tmp_path):
+    """--dist-eval on 2 processes: 20 validation images split 10 + 10 give the accuracy of the one-process
+    evaluation logged by training; 19 images are padded to 20 (DistributedSampler), which the run announces."""
+    out, _, _ = trained
+    last = json.loads((out / 'log.txt').read_text().splitlines()[-1])
+    common = ['--model', 'attnscale_tiny_12', *TINY, *FAST, '--eval', '--dist-eval', '--resume', out / 'checkpoint.pth']
+    even = run(common + ['--data-path', data], launcher='launch', port=29619)
+    acc1, acc5 = re.findall(r'\* Acc@1 ([\d.]+) Acc@5 ([\d.]+)', even.stdout)[-1]
+    assert float(acc1) == pytest.approx(last['test_acc1'], abs=1e-3)
+    assert float(acc5) == pytest.approx(last['test_acc5'], abs=1e-3)
+    assert 'does not divide' not in even.stdout
+
+    odd = tmp_path / 'odd'
+    shutil.copytree(data, odd)
+    sorted((odd / 'val' / 'class_00').iterdir())[0].unlink()
+    padded = run(common + ['--data-path', odd], launcher='launch', port=29620)
+    assert 'Warning: the validation set does not divide by the number of processes; distributed evaluation pads ' \
+           'it with repeated images' in padded.stdout
+    assert 'Accuracy of the network on the 19 test images' in padded.stdout
+
+
 def test_tensorboard_holds_the_expected_tags(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out, _, _ = trained
@@ -166,11 +188,13 @@ def test_nan_loss_stops_with_a_clear_message(data, tmp_path):
 @pytest.mark.parametrize('name,flags', [('bfloat16', ['--amp-dtype', 'bfloat16']), ('compile', ['--compile'])])
 def test_bfloat16_and_compile_train_and_evaluate(data, tmp_path, name, flags):
     """A training epoch and an evaluation with the flag: the checkpoint holds the plain model's keys, and its
-    evaluation with the flag agrees with the float32 eager one (bfloat16: to bfloat16's precision)."""
+    evaluation with the flag agrees with the float32 eager one (bfloat16: to bfloat16's precision). --compile
+    trains on 2 processes: the DDP module is compiled (timm's order), and the checkpoint still has plain keys."""
     common = ['--model', 'attnscale_tiny_12', *TINY, *FAST, '--data-path', data, '--no-model-ema',
               '--no-log-tensorboard']
     out = tmp_path / name
-    run(common + ['--epochs', '1', '--output_dir', out, *flags], launcher='python', timeout=400)
+    run(common + ['--epochs', '1', '--output_dir', out, *flags], launcher='launch' if name == 'compile' else 'python',
+        port=29621, timeout=500)
     stats = json.loads((out / 'log.txt').read_text())
     assert stats['epoch'] == 0 and math.isfinite(stats['train_loss']) and math.isfinite(stats['test_loss'])
     state = torch.load(out / 'checkpoint.pth', weights_only=True)['model']
