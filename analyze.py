@@ -172,9 +172,11 @@ def plot_lambdas(axes, results: list) -> None:
     for i, entry in enumerate(results):
         params = entry['addon_params']
         if params['attnscale_lambda']:
-            layers, values = params['attnscale_lambda']['layers'], torch.tensor(params['attnscale_lambda']['values'])
-            attn_ax.plot(layers, values.mean(dim=1), color=f'C{i}', marker='o', markersize=3, label=entry['label'])
-            attn_ax.fill_between(layers, values.min(dim=1).values, values.max(dim=1).values, color=f'C{i}', alpha=0.2)
+            layers = params['attnscale_lambda']['layers']
+            values = [torch.tensor(v) for v in params['attnscale_lambda']['values']]  # Swin: heads per stage differ
+            attn_ax.plot(layers, [v.mean() for v in values], color=f'C{i}', marker='o', markersize=3,
+                         label=entry['label'])
+            attn_ax.fill_between(layers, [v.min() for v in values], [v.max() for v in values], color=f'C{i}', alpha=0.2)
         for key, style in (('featscale_lambda1', '-'), ('featscale_lambda2', '--')):
             if params[key]:
                 feat_ax.plot(params[key]['layers'], params[key]['mean'], style, color=f'C{i}', marker='o',

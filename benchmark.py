@@ -72,7 +72,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser('AttnScale / FeatScale benchmark', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--models', nargs='+', default=['deit_small_12', 'attnscale_small_12', 'featscale_small_12'],
-                   metavar='NAME', help='registered model names (ours or timm\'s)')
+                   metavar='NAME', help='registered model names (ours or timm\'s); NAME+attnscale or NAME+featscale '
+                                        'installs that add-on into a timm ViT, CaiT or Swin (as main.py --addon)')
     p.add_argument('--reference', default=None, metavar='NAME',
                    help='model the ratios are computed against (default: the first of --models)')
     p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
@@ -165,7 +166,8 @@ def build(name: str, args, device: torch.device, dtype: str, attn_path: str = 'f
 
     AdamW with DeiT's defaults (lr 5e-4, weight decay 0.05): its step is part of the training step we time.
     """
-    kwargs = dict(num_classes=args.num_classes, img_size=args.img_size)
+    name, _, addon = name.partition('+')
+    kwargs = dict(num_classes=args.num_classes, img_size=args.img_size, addon=addon or None)
     kwargs.update(models.parse_model_kwargs(args.model_kwargs))
     try:
         model = models.create_model(name, **kwargs)

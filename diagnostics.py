@@ -114,8 +114,8 @@ def attention_spectral_response(attn: torch.Tensor) -> torch.Tensor:
 def stage_prefix_tokens(model: torch.nn.Module) -> int:
     """How many prefix (class) tokens come before the patch tokens in what `model.blocks` see:
     none for CaiT (its self-attention stage holds patch tokens only; the class token joins in
-    `blocks_token_only`), `model.num_prefix_tokens` for a ViT/DeiT."""
-    return 0 if isinstance(model, Cait) else model.num_prefix_tokens
+    `blocks_token_only`) and Swin, `model.num_prefix_tokens` for a ViT/DeiT."""
+    return 0 if isinstance(model, (Cait, SwinTransformer)) else model.num_prefix_tokens
 
 
 def analysed_blocks(model: torch.nn.Module) -> list:

@@ -191,3 +191,54 @@ def test_addon_models_train_with_the_official_no_decay_set():
     assert all(n.endswith('.weight') and 'norm' not in n for n in decay)
     assert {n for n in no_decay if 'lamb' in n} == {n for n in names.values() if 'lamb' in n}
     assert {n for n in names.values() if 'relative_position_bias_table' in n} <= set(no_decay)
+
+
+# ---------------------------------------------------------------- main.py --addon
+
+VIT = ['--model', 'vit_tiny_patch16_224', '--model-kwargs', 'depth=2', 'embed_dim=48', 'num_heads=2', 'patch_size=8']
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    from helpers import make_image_folder
+    return make_image_folder(tmp_path_factory.mktemp('data'), num_classes=4, train_per_class=12, val_per_class=5)
+
+
+def test_main_addon_trains_and_evaluates_with_two_processes(data, tmp_path):
+    """--addon on a timm ViT with the launcher: lambda in the checkpoint, per-update LR warm-up, --eval --resume."""
+    from test_training import FAST, eval_accuracy, run
+    out = tmp_path / 'run'
+    common = [*VIT, '--addon', 'attnscale', *FAST, '--data-path', data]
+    run(common + ['--epochs', '2', '--sched-on-updates', '--output_dir', out], launcher='launch', port=29631)
+    ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
+    assert ckpt['args']['addon'] == 'attnscale' and ckpt['model']['blocks.1.attn.lamb'].abs().sum() > 0
+    logs = [__import__('json').loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+    steps = 48 // (2 * 8)  # updates per epoch; warm-up over the first epoch's updates, from 1e-6 to 2e-3
+    assert logs[0]['train_lr'] == pytest.approx(sum(1e-6 + (2e-3 - 1e-6) * t / steps for t in range(steps)) / steps)
+    proc = run(common + ['--eval', '--resume', out / 'checkpoint.pth'], launcher='launch', port=29632)
+    assert eval_accuracy(proc.stdout) == pytest.approx(logs[-1]['test_acc1'], abs=0.05)
+
+
+def test_main_addon_from_a_base_checkpoint_and_its_errors(data, tmp_path):
+    from test_training import FAST, run
+    base = timm.create_model('vit_tiny_patch16_224', depth=2, embed_dim=48, num_heads=2, patch_size=8, img_size=32,
+                             num_classes=4)
+    torch.save({'model': base.state_dict()}, tmp_path / 'base.pth')
+    common = [*VIT, '--addon', 'featscale', *FAST, '--data-path', data, '--epochs', '1']
+    resumed = run(common + ['--resume', tmp_path / 'base.pth'], launcher='python')
+    assert f'Initialised from baseline checkpoint {tmp_path / "base.pth"}; 4 add-on parameters start at zero' in resumed.stdout
+    tuned = run(common + ['--finetune', tmp_path / 'base.pth'], launcher='python')
+    assert 'has no add-on parameters: they start at zero' in tuned.stdout
+    bad = run(['--model', 'attnscale_tiny_12', '--addon', 'featscale', *FAST, '--data-path', data],
+              launcher='python', check=False)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].endswith(
+        '--addon featscale: attnscale_tiny_12 carries an add-on already; drop --addon or pick a base model')
+
+
+def test_tensorboard_lambda_tags_name_swin_blocks():
+    import main
+    model = models.create_model('attnscale_swin_tiny_patch4_window7_224', img_size=56)
+    tags = main.addon_lambdas(model)
+    assert len(tags) == 12 and {'attnscale/layers.0.block0', 'attnscale/layers.2.block5'} <= set(tags)
+    assert set(main.addon_lambdas(models.create_model('featscale_tiny_12', img_size=32))) == {
+        f'featscale_{k}/block{i}' for k in ('dc', 'hf') for i in range(12)}

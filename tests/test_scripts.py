@@ -160,6 +160,30 @@ def test_runs_the_command_from_the_repo_root(paths, tmp_path):
     assert args.startswith('-m torch.distributed.launch --nproc_per_node=2 --master_port 29703 --use_env main.py')
 
 
+
+# The official Swin recipe (swin.md) in main.py flags; {lr} the warm-up and min lr scaled by NPROC * 128 / 512.
+SWIN = ('python -m torch.distributed.launch --nproc_per_node={nproc} --master_port {port} --use_env main.py '
+        '--auto_reload --model {addon}_swin_small_patch4_window7_224 --batch-size 128 --epochs 300 --warmup-epochs 20 '
+        '--sched-on-updates --lr 5e-4 --warmup-lr {warmup_lr} --min-lr {min_lr} --weight-decay 0.05 --clip-grad 5.0 '
+        '--drop-path 0.3 --no-model-ema --no-repeated-aug --data-path {data} --data-set IMNET --input-size 224 '
+        '--output_dir ./logs/imnet1k_{addon}_swin_small_patch4_window7_224')
+
+
+@pytest.mark.parametrize('addon,port', [('attnscale', 29706), ('featscale', 29707)])
+@pytest.mark.parametrize('nproc,warmup_lr,min_lr', [(None, '1e-06', '1e-05'), ('2', '2.5e-07', '2.5e-06')])
+def test_swin_scripts_print_the_official_swin_recipe(addon, port, nproc, warmup_lr, min_lr, paths):
+    """8 x 128 images by default; the warm-up and min lr follow the total batch (main.py scales --lr)."""
+    data, _ = paths
+    result = run_script(f'train_{addon}_swin_small.sh', '--dry-run', str(data), **({'NPROC': nproc} if nproc else {}))
+    assert result.returncode == 0, result.stderr
+    expected = SWIN.format(nproc=nproc or 8, port=port, addon=addon, warmup_lr=warmup_lr, min_lr=min_lr, data=data)
+    assert result.stdout == f'+ {expected}\n'
+
+
+def test_swin_script_usage_errors(tmp_path):
+    result = run_script('train_attnscale_swin_small.sh', '--dry-run', str(tmp_path / 'absent'))
+    assert result.returncode == 2 and "data path '" in result.stderr and result.stderr.count('\n') == 1
+
 # ---------------------------------------------------------------- prepare_imagenet.py
 
 WNIDS = ('n01440764', 'n01443537', 'n01484850')

@@ -133,3 +133,24 @@ def test_fused_swin_windows_with_attnscale_match_the_explicit_path_in_eval():
         fused = model(x)
         models.set_fused_attn(model, False)
         torch.testing.assert_close(fused, model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_diagnostics_follow_every_swin_block(tmp_path, capsys):
+    """analyze.py on Swin (timm's, with --addon): HF ratio and patch cosine of every block's map, the lambdas;
+    no per-window attention metrics or token spectrum (see diagnostics.py)."""
+    import analyze
+    from helpers import make_image_folder
+    root = make_image_folder(tmp_path / 'data', num_classes=2, train_per_class=1, val_per_class=2, size=56)
+    argv = ['--model', 'swin_tiny_patch4_window7_224', '--addon', 'attnscale', '--model-kwargs', 'embed_dim=16',
+            'depths=(2,2)', 'num_heads=(1,2)', '--input-size', '56', '--eval-crop-ratio', '1.0',
+            '--data-path', str(root), '--num-images', '4', '--batch-size', '2', '--device', 'cpu',
+            '--output_dir', str(tmp_path / 'out')]
+    assert analyze.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'out' / 'hf_ratio.png'}" in printed and 'attention_cosine.png' not in printed
+    entry = json.loads((tmp_path / 'out' / 'diagnostics.json').read_text())['models'][0]
+    assert (entry['depth'], entry['num_tokens'], entry['frequencies']) == (4, 49, None)
+    assert set(entry['metrics']) == {'hf_dc_features', 'hf_total_features', 'patch_cosine'}
+    assert len(entry['metrics']['patch_cosine']['values']) == 5  # X_0 (14 x 14 patches) .. X_4 (7 x 7)
+    assert entry['addon_params']['attnscale_lambda']['values'] == [[0.], [0.], [0., 0.], [0., 0.]]
+    assert printed.splitlines()[-1].split()[-1] == 'n/a'
