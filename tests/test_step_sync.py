@@ -59,7 +59,8 @@ def count_collectives(counts: Counts):
 
 
 def read_counter(counts: Counts):
-    """A TorchFunctionMode that counts the host reads made by this repository's code (not the tests')."""
+    """A TorchFunctionMode that counts the host reads made by this repository's code (not the tests', nor torch's
+    and timm's in a virtual environment inside the checkout, as scripts/test.sh makes it)."""
     from torch.overrides import TorchFunctionMode
     ours = str(ROOT) + os.sep
 
@@ -67,7 +68,7 @@ def read_counter(counts: Counts):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             if getattr(func, '__name__', '') in READS:
                 caller = sys._getframe(1).f_code.co_filename
-                if caller.startswith(ours) and not caller.startswith(str(ROOT / 'tests')):
+                if caller.startswith(ours) and not caller.startswith((str(ROOT / 'tests'), sys.prefix + os.sep)):
                     counts.reads += 1
             return func(*args, **(kwargs or {}))
     return CountReads()
