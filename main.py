@@ -490,7 +490,6 @@ class TrainingState:
     epoch: int = -1
     max_accuracy: float = 0.0
 
-    ENTRIES = ('model', 'optimizer', 'lr_scheduler', 'epoch', 'model_ema', 'scaler', 'max_accuracy', 'args')
     MID_EPOCH = ('resume_step', 'train_meters', 'rng')
     RESUMABLE = ('optimizer', 'lr_scheduler', 'epoch')  # without these, a checkpoint only provides weights
 

@@ -134,6 +134,39 @@ def test_finetune_resizes_pos_embed_and_drops_a_head_of_another_size(tmp_path, d
     assert 'Accuracy of the network on the 20 test images' in out and 'Removing key head.bias' in out
 
 
+def test_training_state_saves_and_restores_the_same_entries(data):
+    """TrainingState is the one definition of a checkpoint: what state_dict() writes, load_state_dict() (plus the
+    model weights, which restore() loads) puts back, entry for entry."""
+    def state_for(args):
+        with contextlib.redirect_stdout(io.StringIO()):
+            model, ema = main.prepare_model(args, 4, torch.device('cpu'))
+            optimizer, scheduler, _ = main.build_optimization(args, model, torch.float32)
+        return main.TrainingState(model, ema, optimizer, scheduler, None, run_args=dict(vars(args), world_size=1))
+    args = parse(['--model', 'attnscale_tiny_12', *TINY, *FAST, '--data-path', data])
+    torch.manual_seed(0)
+    saved = state_for(args)
+    saved.model(torch.randn(2, 3, 32, 32)).sum().backward()
+    saved.optimizer.step()
+    saved.model_ema.update(saved.model)
+    saved.lr_scheduler.step(3)
+    saved.epoch, saved.max_accuracy = 3, 42.5
+    ckpt = saved.state_dict(resume_step=2)
+    assert set(ckpt) == {'model', 'optimizer', 'lr_scheduler', 'epoch', 'model_ema', 'scaler', 'max_accuracy',
+                         'args', 'resume_step'}
+    torch.manual_seed(1)
+    restored = state_for(args)
+    restored.model.load_state_dict(ckpt['model'])
+    restored.load_state_dict(ckpt)
+    again = restored.state_dict(resume_step=2)
+    assert (again['epoch'], again['max_accuracy'], again['args']) == (3, 42.5, ckpt['args'])
+    assert again['lr_scheduler'] == ckpt['lr_scheduler']
+    for part in ('model', 'model_ema'):
+        assert all(torch.equal(again[part][k], v) for k, v in ckpt[part].items()), part
+    for a, b in zip(again['optimizer']['state'].values(), ckpt['optimizer']['state'].values()):
+        assert all(torch.equal(a[k], b[k]) for k in b)
+    assert again['optimizer']['param_groups'] == ckpt['optimizer']['param_groups']
+
+
 def test_throughput_measures_inference_on_one_validation_batch(data, tmp_path):
     out_dir = tmp_path / 'out'
     code, out, err = run_main(parse(['--model', 'deit_tiny_12', *TINY, *FAST, '--data-path', data, '--throughput',
