@@ -2,6 +2,7 @@
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 from helpers import free_port
@@ -10,8 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_trains_evaluates_and_is_idempotent(tmp_path):
+    (tmp_path / 'bin').mkdir()  # SKIP_SETUP=1: the demo's `python` is this interpreter, whatever PATH holds
+    (tmp_path / 'bin' / 'python').write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (tmp_path / 'bin' / 'python').chmod(0o755)
     env = dict(os.environ, SKIP_SETUP='1', EPOCHS='1', MODELS='deit_tiny_12 attnscale_tiny_12', OUT=str(tmp_path / 'out'),
-               DATA=str(tmp_path / 'digits'), MASTER_PORT=str(free_port()), OMP_NUM_THREADS='1')
+               DATA=str(tmp_path / 'digits'), MASTER_PORT=str(free_port()), OMP_NUM_THREADS='1',
+               PATH=f'{tmp_path / "bin"}:{os.environ["PATH"]}')
     first = subprocess.run(['bash', 'scripts/demo.sh'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     rows = re.findall(r'^(\w+)\s+(\d+)\s+([\d.]+)%\s+([\d.]+)$', first.stdout, re.M)
