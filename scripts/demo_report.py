@@ -1,7 +1,7 @@
 """The demo's reporting: one line per trained epoch while main.py runs, and the val top-1 curves at the end.
 
     main.py ... | python scripts/demo_report.py follow --run logs/demo/deit_tiny_12 --epochs 50
-    python scripts/demo_report.py curves --output logs/demo/curves.png logs/demo/deit_tiny_12 logs/demo/attnscale_tiny_12
+    python scripts/demo_report.py curves --output logs/demo/curves.png logs/demo/deit_tiny_12 logs/demo/...
 
 `follow` copies main.py's output (read from stdin) to `<run>/train.out` and, whenever main.py has appended an
 epoch to `<run>/log.txt` (one JSON object per epoch), prints
@@ -70,9 +70,11 @@ def curves(runs: list, output: Path) -> Path:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for name, (epochs, acc1) in curve_data(runs).items():
         ax.plot(epochs, acc1, marker='.', label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel('epoch')
     ax.set_ylabel('val top-1 (%)')
     ax.grid(alpha=0.3)
