@@ -17,9 +17,11 @@ FeatScale, per block and channel, on the attention branch output y (B, N, C):
 where s = 1 in the paper and CaiT, and s = 2 in the released DeiT models (their code adds the
 scaled terms twice; the checkpoints were trained that way, so we keep it).
 
-Every function below is written so that zero gains reproduce the input bit for bit, no N x N
-constant is built, and the backward pass saves no N x N tensor: each add-on keeps one (B, N, C)
-tensor per block for the gradient of its gain (the rescaled attention output, resp. y).
+Numerics: the gains stay in float32 (at least) and every correction is formed there, then stored
+in the activation's dtype; 1 + lamb is never rounded to bfloat16/float16 (where it is 1.0 for
+|lamb| < 2^-9 and rows of A' would stop summing to one). Zero gains return the input bit for bit.
+Memory: no N x N constant is built, and `attnscale_values_` and `featscale` keep nothing for
+backward but their output and a token mean (see `DCHFGain`).
 """
 import torch
 
@@ -35,32 +37,83 @@ def dc_hf_split(x: torch.Tensor):
     return dc, x - dc
 
 
+def _gain(lamb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A gain in float32, or x's dtype if wider (float64 references)."""
+    return lamb.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class DCHFGain(torch.autograd.Function):
+    """out = (1 + b) DC[x] + (1 + a) HF[x] over the token axis -2, formed in float32 and stored in x's
+    dtype (into x itself when inplace). Backward keeps only out, DC[x] and the gains, no other activation:
+    HF[x] = (out - (1 + b) DC[x]) / (1 + a), the HF gain 1 + a being non-zero (gains start at zero)."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, inplace: bool):
+        dc = x.mean(dim=-2, keepdim=True, dtype=a.dtype)
+        out = torch.addcmul(dc * (b - a), x, 1. + a)
+        out = x.copy_(out) if inplace else out.to(x.dtype)
+        if inplace:
+            ctx.mark_dirty(x)
+        ctx.save_for_backward(out, dc, a, b)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, dc, a, b = ctx.saved_tensors
+        grad_dc = grad.sum(dim=-2, keepdim=True, dtype=a.dtype)
+        grad_x = torch.addcmul(grad_dc * ((b - a) / grad.shape[-2]), grad, 1. + a).to(grad.dtype)
+        hf = (out - (1. + b) * dc) / (1. + a)
+        return grad_x, (grad * hf).sum_to_size(a.shape), (grad_dc * dc).sum_to_size(b.shape), None
+
+
+def dc_hf_gain(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """`DCHFGain`, or the same formula through autograd where a custom Function cannot run (TorchScript,
+    torch.compile: its partitioner decides there what backward keeps)."""
+    if torch.jit.is_scripting() or torch.compiler.is_compiling():
+        dc = x.mean(dim=-2, keepdim=True, dtype=a.dtype)
+        out = torch.addcmul(dc * (b - a), x, 1. + a)
+        return x.copy_(out) if inplace else out.to(x.dtype)
+    return DCHFGain.apply(x, a, b, inplace)
+
+
 def attnscale(attn: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
     """AttnScale on an explicit attention matrix attn (B, H, N, N) with per-head gains lamb (H,).
 
     A_dc + (1 + lamb)(A - A_dc) with A_dc = 1/N, written as (1 + lamb) A - lamb / N so that no
     N x N constant is built and lamb = 0 returns A exactly.
     """
-    lamb = lamb.to(attn.dtype).view(-1, 1, 1)
-    return attn * (1. + lamb) - lamb / attn.shape[-1]
+    lamb = _gain(lamb, attn).view(-1, 1, 1)
+    return (attn * (1. + lamb) - lamb / attn.shape[-1]).to(attn.dtype)
+
+
+def attnscale_values_(v: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
+    """AttnScale for fused kernels, on the values v (B, H, N, d) before attention, in place; returns v.
+
+    A' v = A v' with v' = DC[v] + (1 + lamb) HF[v]: A_dc v = DC[v] in every row, and A DC[v] = DC[v]
+    since A is row-stochastic. Exact whenever no dropout acts on A. In place, v' replaces v in the qkv
+    output that the kernel saves anyway, so AttnScale keeps only DC[v] (B, H, 1, d) for backward.
+    v must not come from `unbind` (autograd forbids in-place ops there): pass qkv[2] before unbinding.
+    """
+    lamb = _gain(lamb, v).view(-1, 1, 1)
+    return dc_hf_gain(v, lamb, torch.zeros_like(lamb), inplace=True)
 
 
 def attnscale_fused(out: torch.Tensor, v: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
     """AttnScale applied after attention: A'v = (1 + lamb) (A v) - lamb DC[v].
 
-    out = A v (B, H, N, d) from a fused kernel, v (B, H, N, d). Exact, since A_dc v is DC[v] in
-    every row; valid whenever no dropout is applied to A. One addcmul: a single pass over A v,
-    whose memory layout it keeps (so the heads merge back into (B, N, C) without a copy).
+    out = A v (B, H, N, d) from a fused kernel, v (B, H, N, d). Exact, valid whenever no dropout is
+    applied to A. Costs one (B, H, N, d) tensor for backward (the kernel keeps A v, the next layer A'v);
+    `attnscale_values_` does not.
     """
-    lamb = lamb.to(out.dtype).view(-1, 1, 1)
-    return torch.addcmul(-lamb * token_mean(v), out, 1. + lamb)
+    lamb = _gain(lamb, out).view(-1, 1, 1)
+    dc = v.mean(dim=-2, keepdim=True, dtype=lamb.dtype)
+    return torch.addcmul(-lamb * dc, out, 1. + lamb).to(out.dtype)
 
 
 def featscale(y: torch.Tensor, lamb1: torch.Tensor, lamb2: torch.Tensor, repeat: float = 1.) -> torch.Tensor:
     """FeatScale on y (B, N, C) with per-channel gains lamb1 (DC) and lamb2 (HF), each (C,).
 
-    y + s (lamb1 DC[y] + lamb2 HF[y]) = (1 + s lamb2) y + s (lamb1 - lamb2) DC[y]: one expression
-    of y and its token mean, so backward keeps only y and DC[y] (no HF[y] or other temporaries).
+    y + s (lamb1 DC[y] + lamb2 HF[y]) = (1 + s lamb1) DC[y] + (1 + s lamb2) HF[y]. Backward keeps the
+    output (which a following LayerScale keeps anyway) and DC[y], not y.
     """
-    lamb1, lamb2 = lamb1.to(y.dtype), lamb2.to(y.dtype)
-    return y * (1. + repeat * lamb2) + (repeat * (lamb1 - lamb2)) * token_mean(y)
+    return dc_hf_gain(y, repeat * _gain(lamb2, y), repeat * _gain(lamb1, y))

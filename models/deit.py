@@ -14,7 +14,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import VisionTransformer
 
-from .antioversmooth import attnscale, attnscale_fused, featscale
+from .antioversmooth import attnscale, attnscale_values_, featscale
 from .official import official_drop_rates, official_flops
 from .registry import default_cfg, register_variant
 
@@ -22,7 +22,7 @@ from .registry import default_cfg, register_variant
 class Attention(TimmAttention):
     """Multi-head self-attention with optional AttnScale.
 
-    Fused path (scaled_dot_product_attention, then the exact A'v identity) whenever no dropout
+    Fused path (scaled_dot_product_attention on AttnScale'd values, A'v = A v') whenever no dropout
     acts on the attention matrix; explicit path otherwise, or when `fused_attn` is switched off
     to read attention maps: `attn_probe` is an identity that sees each (scaled) map, so forward
     hooks on it capture them.
@@ -37,12 +37,14 @@ class Attention(TimmAttention):
         if attn_mask is not None or is_causal:
             raise ValueError('masked attention is not supported by AttnScale/FeatScale models')
         B, N, _ = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        fused = self.fused_attn and (self.attn_drop.p == 0. or not self.training)
+        if fused and self.lamb is not None:
+            attnscale_values_(qkv[2], self.lamb)  # A'v = A v', v' in place of v
+        q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.fused_attn and (self.attn_drop.p == 0. or not self.training):
+        if fused:
             x = F.scaled_dot_product_attention(q, k, v)
-            if self.lamb is not None:
-                x = attnscale_fused(x, v, self.lamb)
         else:
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             if self.lamb is not None:
