@@ -20,8 +20,8 @@ scaled terms twice; the checkpoints were trained that way, so we keep it).
 Numerics: the gains stay in float32 (at least) and every correction is formed there, then stored
 in the activation's dtype; 1 + lamb is never rounded to bfloat16/float16 (where it is 1.0 for
 |lamb| < 2^-9 and rows of A' would stop summing to one). Zero gains return the input bit for bit.
-Memory: no N x N constant is built, and `attnscale_values_` and `featscale` keep nothing for
-backward but their output and a token mean (see `DCHFGain`).
+Memory: no N x N constant is built; `attnscale_values_` keeps nothing for backward but a token
+mean (see `AttnScaleValues`); `featscale` keeps y and its token mean.
 """
 import torch
 
@@ -42,38 +42,27 @@ def _gain(lamb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return lamb.to(torch.promote_types(x.dtype, torch.float32))
 
 
-class DCHFGain(torch.autograd.Function):
-    """out = (1 + b) DC[x] + (1 + a) HF[x] over the token axis -2, formed in float32 and stored in x's
-    dtype (into x itself when inplace). Backward keeps only out, DC[x] and the gains, no other activation:
-    HF[x] = (out - (1 + b) DC[x]) / (1 + a), the HF gain 1 + a being non-zero (gains start at zero)."""
+class AttnScaleValues(torch.autograd.Function):
+    """v <- DC[v] + (1 + lamb) HF[v] in place, formed in float32 (lamb's dtype) and stored in v's dtype.
+
+    Backward keeps v' (which attention keeps anyway), DC[v] and lamb, no other activation:
+    HF[v] = HF[v'] / (1 + lamb), so 1 + lamb must not vanish (lamb = -1 would make A' = A_dc).
+    """
 
     @staticmethod
-    def forward(ctx, x, a, b, inplace: bool):
-        dc = x.mean(dim=-2, keepdim=True, dtype=a.dtype)
-        out = torch.addcmul(dc * (b - a), x, 1. + a)
-        out = x.copy_(out) if inplace else out.to(x.dtype)
-        if inplace:
-            ctx.mark_dirty(x)
-        ctx.save_for_backward(out, dc, a, b)
-        return out
+    def forward(ctx, v, lamb):
+        dc = v.mean(dim=-2, keepdim=True, dtype=lamb.dtype)
+        v.copy_(torch.addcmul(-lamb * dc, v, 1. + lamb))
+        ctx.mark_dirty(v)
+        ctx.save_for_backward(v, dc, lamb)
+        return v
 
     @staticmethod
     def backward(ctx, grad):
-        out, dc, a, b = ctx.saved_tensors
-        grad_dc = grad.sum(dim=-2, keepdim=True, dtype=a.dtype)
-        grad_x = torch.addcmul(grad_dc * ((b - a) / grad.shape[-2]), grad, 1. + a).to(grad.dtype)
-        hf = (out - (1. + b) * dc) / (1. + a)
-        return grad_x, (grad * hf).sum_to_size(a.shape), (grad_dc * dc).sum_to_size(b.shape), None
-
-
-def dc_hf_gain(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """`DCHFGain`, or the same formula through autograd where a custom Function cannot run (TorchScript,
-    torch.compile: its partitioner decides there what backward keeps)."""
-    if torch.jit.is_scripting() or torch.compiler.is_compiling():
-        dc = x.mean(dim=-2, keepdim=True, dtype=a.dtype)
-        out = torch.addcmul(dc * (b - a), x, 1. + a)
-        return x.copy_(out) if inplace else out.to(x.dtype)
-    return DCHFGain.apply(x, a, b, inplace)
+        v, dc, lamb = ctx.saved_tensors
+        grad_dc = grad.sum(dim=-2, keepdim=True, dtype=lamb.dtype) * (lamb / grad.shape[-2])
+        grad_v = torch.addcmul(-grad_dc, grad, 1. + lamb).to(grad.dtype)
+        return grad_v, (grad * (v - dc)).sum_to_size(lamb.shape) / (1. + lamb)
 
 
 def attnscale(attn: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
@@ -95,7 +84,9 @@ def attnscale_values_(v: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
     v must not come from `unbind` (autograd forbids in-place ops there): pass qkv[2] before unbinding.
     """
     lamb = _gain(lamb, v).view(-1, 1, 1)
-    return dc_hf_gain(v, lamb, torch.zeros_like(lamb), inplace=True)
+    if torch.jit.is_scripting() or torch.compiler.is_compiling():  # no custom Function there; same formula
+        return v.copy_(attnscale_fused(v.clone(), v, lamb))
+    return AttnScaleValues.apply(v, lamb)
 
 
 def attnscale_fused(out: torch.Tensor, v: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
@@ -113,7 +104,9 @@ def attnscale_fused(out: torch.Tensor, v: torch.Tensor, lamb: torch.Tensor) -> t
 def featscale(y: torch.Tensor, lamb1: torch.Tensor, lamb2: torch.Tensor, repeat: float = 1.) -> torch.Tensor:
     """FeatScale on y (B, N, C) with per-channel gains lamb1 (DC) and lamb2 (HF), each (C,).
 
-    y + s (lamb1 DC[y] + lamb2 HF[y]) = (1 + s lamb1) DC[y] + (1 + s lamb2) HF[y]. Backward keeps the
-    output (which a following LayerScale keeps anyway) and DC[y], not y.
+    y + s (lamb1 DC[y] + lamb2 HF[y]) = (1 + s lamb2) y + s (lamb1 - lamb2) DC[y]: one expression of y
+    and its token mean, so backward keeps only y and DC[y] (no HF[y] or other temporaries).
     """
-    return dc_hf_gain(y, repeat * _gain(lamb2, y), repeat * _gain(lamb1, y))
+    lamb1, lamb2 = _gain(lamb1, y), _gain(lamb2, y)
+    dc = y.mean(dim=-2, keepdim=True, dtype=lamb1.dtype)
+    return torch.addcmul((repeat * (lamb1 - lamb2)) * dc, y, 1. + repeat * lamb2).to(y.dtype)
