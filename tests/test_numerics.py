@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import models
+from models import antioversmooth
 from models.antioversmooth import attnscale, attnscale_fused, attnscale_values_, featscale
 
 LOW = [torch.bfloat16, torch.float16]
@@ -97,26 +98,32 @@ CASES = [('deit_tiny_12', 'attnscale_tiny_12', True), ('deit_tiny_12', 'attnscal
          ('cait_XXS24_224', 'featscale_cait_XXS24_224', False)]
 
 
-@pytest.mark.parametrize('dtype', LOW, ids=str)
-@pytest.mark.parametrize('baseline,name,fused', CASES, ids=[f'{n}-{"fused" if f else "explicit"}' for _, n, f in CASES])
-def test_low_precision_is_no_worse_than_the_baseline(baseline, name, fused, dtype):
-    """At lamb = 1e-3 (early training), against float64 of the official formula: the add-on model's logits
-    are as accurate as the plain model's, and dL/dlamb as accurate as the plain model's own gradients."""
+def low_precision_errors(name, fused, dtype):
+    """Relative errors (logits, dL/dlamb or, without add-ons, all gradients) of one cross-entropy step under
+    `dtype` autocast against float64 of the official formula, at lamb = 1e-3 (early training), batch 8."""
     torch.manual_seed(0)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    errors = {}
-    for kind, model_name in (('base', baseline), ('addon', name)):
-        torch.manual_seed(1)  # same weights for both; the add-on's gains all 1e-3
-        model = build(model_name, fused, lamb=1e-3)
-        ref_logits, ref_grads = loss_and_grads(official_float64(model), x, y)
-        logits, grads = loss_and_grads(model, x, y, dtype)
-        keys = [n for n in grads if n.split('.')[-1] in ADDON] or list(grads)
-        errors[kind] = (rel_err(logits, ref_logits),
-                        rel_err(torch.cat([grads[k].flatten() for k in keys]),
-                                torch.cat([ref_grads[k].flatten() for k in keys])))
-    (base_logits, base_grads), (logits, lamb_grads) = errors['base'], errors['addon']
-    assert logits <= 1.25 * base_logits, errors
-    assert lamb_grads <= base_grads, errors
+    torch.manual_seed(1)  # the same weights for every model; the add-on's gains all 1e-3
+    model = build(name, fused, lamb=1e-3)
+    ref_logits, ref_grads = loss_and_grads(official_float64(model), x, y)
+    logits, grads = loss_and_grads(model, x, y, dtype)
+    keys = [n for n in grads if n.split('.')[-1] in ADDON] or list(grads)
+    return rel_err(logits, ref_logits), rel_err(torch.cat([grads[k].flatten() for k in keys]),
+                                                torch.cat([ref_grads[k].flatten() for k in keys]))
+
+
+@pytest.mark.parametrize('dtype', LOW, ids=str)
+@pytest.mark.parametrize('baseline,name,fused', CASES, ids=[f'{n}-{"fused" if f else "explicit"}' for _, n, f in CASES])
+def test_low_precision_is_no_worse_than_the_baseline(baseline, name, fused, dtype, monkeypatch):
+    """Logits as accurate as the plain model's; dL/dlamb as accurate as with the add-on's own arithmetic in
+    float64, i.e. limited by the low-precision network around it (what the plain model has), not by the add-on.
+    Before the gains stayed in float32, float16 fused AttnScale had 3.7x that error, CaiT's FeatScale 35x."""
+    base_logits, _ = low_precision_errors(baseline, fused, dtype)
+    logits, lamb_grads = low_precision_errors(name, fused, dtype)
+    monkeypatch.setattr(antioversmooth, '_gain', lambda lamb, x: lamb.double())
+    _, network_lamb_grads = low_precision_errors(name, fused, dtype)
+    assert logits <= 1.25 * base_logits
+    assert lamb_grads <= 1.5 * network_lamb_grads
 
 
 def _dc_heavy(shape, dtype):
@@ -127,7 +134,8 @@ def _dc_heavy(shape, dtype):
 @pytest.mark.parametrize('dtype', LOW, ids=str)
 def test_lambda_gradients_of_each_function_in_low_precision(dtype):
     """dL/dlamb of each function on low-precision activations, lamb = 1e-3 in float32, against float64 on
-    the same values: 1 + lamb is not rounded and HF[x] is not lost to cancellation."""
+    the same values: 1 + lamb is not rounded and HF[x] is not lost to cancellation. (Before: relative errors
+    of 5e-4 to 5e-2; now 1e-7 to 2e-6, and 1e-3 for the in-place form, whose HF[v] is read back from v'.)"""
     torch.manual_seed(0)
     v, out, y = _dc_heavy((4, 3, 50, 16), dtype), _dc_heavy((4, 3, 50, 16), dtype), _dc_heavy((4, 50, 48), dtype)
     attn = torch.rand(4, 3, 50, 50).softmax(-1).to(dtype)
@@ -139,6 +147,7 @@ def test_lambda_gradients_of_each_function_in_low_precision(dtype):
         o, v.to(o.dtype), lamb), out, 3), 'attnscale': (attnscale, attn, 3),
         'featscale': (lambda t, lamb: featscale(t, lamb[:48], lamb[48:], 2.), y, 96)}
     for name, (fn, x, n) in cases.items():
+        tolerance = 2e-3 if name == 'attnscale_values_' else 1e-5  # the former reads v' back, as attention does
         grads = {}
         for prec in (dtype, torch.float64):
             lamb = torch.full((n,), 1e-3, dtype=torch.float32 if prec != torch.float64 else prec, requires_grad=True)
@@ -148,7 +157,7 @@ def test_lambda_gradients_of_each_function_in_low_precision(dtype):
             torch.manual_seed(1)  # the same upstream gradient, exactly representable in `dtype`
             result.backward(torch.randn(result.shape).to(dtype).to(prec))
             grads[prec] = lamb.grad.double()
-        assert rel_err(grads[dtype], grads[torch.float64]) < 1e-2, name
+        assert rel_err(grads[dtype], grads[torch.float64]) < tolerance, name
 
 
 @pytest.mark.parametrize('dtype', LOW, ids=str)
