@@ -19,7 +19,9 @@ How it measures, and why:
   * Peak memory is measured in a fresh child process per model (so no model sees another's allocations):
     on CPU the child's RSS high-water mark (`resource.getrusage(RUSAGE_SELF).ru_maxrss`, absolute, Python and
     libraries included) and the exact peak of live tensor bytes ('tensor MB', see `TensorPeak`); on CUDA
-    `torch.cuda.max_memory_allocated()` after a reset. The child builds the model and runs `--memory-steps`
+    `torch.cuda.max_memory_allocated()` after a reset. Beside them, on every device, the exact bytes of the
+    activations one training forward saves for backward ('saved MB', see `saved_bytes`): deterministic, so
+    an add-on's memory cost shows to the byte, whatever the allocator does. The child builds the model and runs `--memory-steps`
     training steps (the first one allocates the AdamW state). The child runs with glibc's mmap threshold fixed
     (MALLOC_MMAP_THRESHOLD_, unless set already), so every large tensor is mapped and unmapped on its own and
     the RSS high-water mark follows live memory rather than heap fragmentation: with glibc's adaptive default,
@@ -263,6 +265,25 @@ class TensorPeak(TorchDispatchMode):
         self.live -= size
 
 
+def saved_bytes(model, x, y, amp_dtype: torch.dtype) -> int:
+    """Bytes autograd keeps for backward over one training forward + loss: the distinct storages of the tensors
+    saved (`torch.autograd.graph.saved_tensors_hooks`), parameters excluded (their copies under autocast
+    included). Views of one storage count once, as they take memory once. Exact and deterministic."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(x.device, amp_dtype):
+        loss = F.cross_entropy(model(x), y)
+    del loss  # the graph (and what it saved) goes with it
+    return sum(storages.values())
+
+
 def state_bytes(model, optimizer) -> int:
     """Bytes of the parameters and the optimizer state (AdamW: two moments per parameter)."""
     tensors = list(model.parameters()) + [v for st in optimizer.state.values() for v in st.values()
@@ -277,7 +298,7 @@ def memory_child(args) -> dict:
     RSS high-water mark on CPU, and torch.cuda.max_memory_allocated on CUDA (params, grads, AdamW state and
     the activations saved for backward). On CPU (not compiled) one more step runs under `TensorPeak`:
     `tensor_peak_mb` = parameters + AdamW state + the peak of the tensors that step creates, the CPU
-    counterpart of CUDA's number.
+    counterpart of CUDA's number. Not compiled, `saved_bytes` (a compiled graph decides itself what it saves).
     """
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
@@ -304,6 +325,8 @@ def memory_child(args) -> dict:
             with tracker:
                 train_step(model, optimizer, scaler, x, y, device, DTYPES[dtype])
             result['tensor_peak_mb'] = (state_bytes(model, optimizer) + tracker.peak) / 2 ** 20
+    if not args.compile:
+        result['saved_bytes'] = saved_bytes(model, x, y, DTYPES[dtype])
     return result
 
 
@@ -412,6 +435,9 @@ def summarize(entries: dict, memory: dict, args) -> dict:
             if 'tensor_peak_mb' in memory[name]:
                 s['tensor_peak_mb'] = memory[name]['tensor_peak_mb']
                 s['tensor_peak_ratio'] = memory[name]['tensor_peak_mb'] / memory[ref]['tensor_peak_mb']
+            if 'saved_bytes' in memory[name]:
+                s['saved_bytes'] = memory[name]['saved_bytes']
+                s['saved_ratio'] = memory[name]['saved_bytes'] / memory[ref]['saved_bytes']
         for key in ('compile_train_s', 'compile_infer_s'):
             if key in e:
                 s[key] = e[key]
@@ -461,6 +487,8 @@ def format_table(summary: dict, args) -> str:
         cols += ['peak MB', 'mem x']
     if any('tensor_peak_mb' in s for s in summary.values()):
         cols += ['tensor MB', 'tensor x']
+    if any('saved_bytes' in s for s in summary.values()):
+        cols += ['saved MB', 'saved x']
     if args.compile:
         cols += ['compile s (train+infer)']
     rows = []
@@ -479,6 +507,9 @@ def format_table(summary: dict, args) -> str:
         if 'tensor MB' in cols:
             has = 'tensor_peak_mb' in s
             row += [f'{s["tensor_peak_mb"]:.0f}', f'{s["tensor_peak_ratio"]:.3f}'] if has else ['-', '-']
+        if 'saved MB' in cols:  # four decimals: a per-block token mean is a few parts in 10^4
+            has = 'saved_bytes' in s
+            row += [f'{s["saved_bytes"] / 2 ** 20:.1f}', f'{s["saved_ratio"]:.4f}'] if has else ['-', '-']
         if args.compile:
             row += [f'{s.get("compile_train_s", 0.) + s.get("compile_infer_s", 0.):.1f}']
         rows.append(row)

@@ -17,9 +17,11 @@ FeatScale, per block and channel, on the attention branch output y (B, N, C):
 where s = 1 in the paper and CaiT, and s = 2 in the released DeiT models (their code adds the
 scaled terms twice; the checkpoints were trained that way, so we keep it).
 
-Every function below is written so that zero gains reproduce the input bit for bit, no N x N
-constant is built, and the backward pass saves no N x N tensor: each add-on keeps one (B, N, C)
-tensor per block for the gradient of its gain (the rescaled attention output, resp. y).
+Numerics: the gains stay in float32 (at least) and every correction is formed there, then stored
+in the activation's dtype; 1 + lamb is never rounded to bfloat16/float16 (where it is 1.0 for
+|lamb| < 2^-9 and rows of A' would stop summing to one). Zero gains return the input bit for bit.
+Memory: no N x N constant is built; `attnscale_values_` keeps nothing for backward but a token
+mean (see `AttnScaleValues`); `featscale` keeps y and its token mean.
 """
 import torch
 
@@ -35,32 +37,76 @@ def dc_hf_split(x: torch.Tensor):
     return dc, x - dc
 
 
+def _gain(lamb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A gain in float32, or x's dtype if wider (float64 references)."""
+    return lamb.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class AttnScaleValues(torch.autograd.Function):
+    """v <- DC[v] + (1 + lamb) HF[v] in place, formed in float32 (lamb's dtype) and stored in v's dtype.
+
+    Backward keeps v' (which attention keeps anyway), DC[v] and lamb, no other activation:
+    HF[v] = HF[v'] / (1 + lamb), so 1 + lamb must not vanish (lamb = -1 would make A' = A_dc).
+    """
+
+    @staticmethod
+    def forward(ctx, v, lamb):
+        dc = v.mean(dim=-2, keepdim=True, dtype=lamb.dtype)
+        v.copy_(torch.addcmul(-lamb * dc, v, 1. + lamb))
+        ctx.mark_dirty(v)
+        ctx.save_for_backward(v, dc, lamb)
+        return v
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, dc, lamb = ctx.saved_tensors
+        grad_dc = grad.sum(dim=-2, keepdim=True, dtype=lamb.dtype) * (lamb / grad.shape[-2])
+        grad_v = torch.addcmul(-grad_dc, grad, 1. + lamb).to(grad.dtype)
+        return grad_v, (grad * (v - dc)).sum_to_size(lamb.shape) / (1. + lamb)
+
+
 def attnscale(attn: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
     """AttnScale on an explicit attention matrix attn (B, H, N, N) with per-head gains lamb (H,).
 
     A_dc + (1 + lamb)(A - A_dc) with A_dc = 1/N, written as (1 + lamb) A - lamb / N so that no
     N x N constant is built and lamb = 0 returns A exactly.
     """
-    lamb = lamb.to(attn.dtype).view(-1, 1, 1)
-    return attn * (1. + lamb) - lamb / attn.shape[-1]
+    lamb = _gain(lamb, attn).view(-1, 1, 1)
+    return (attn * (1. + lamb) - lamb / attn.shape[-1]).to(attn.dtype)
+
+
+def attnscale_values_(v: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
+    """AttnScale for fused kernels, on the values v (B, H, N, d) before attention, in place; returns v.
+
+    A' v = A v' with v' = DC[v] + (1 + lamb) HF[v]: A_dc v = DC[v] in every row, and A DC[v] = DC[v]
+    since A is row-stochastic. Exact whenever no dropout acts on A. In place, v' replaces v in the qkv
+    output that the kernel saves anyway, so AttnScale keeps only DC[v] (B, H, 1, d) for backward.
+    v must not come from `unbind` (autograd forbids in-place ops there): pass qkv[2] before unbinding.
+    """
+    lamb = _gain(lamb, v).view(-1, 1, 1)
+    if torch.jit.is_scripting() or torch.compiler.is_compiling():  # no custom Function there; same formula
+        return v.copy_(attnscale_fused(v.clone(), v, lamb))
+    return AttnScaleValues.apply(v, lamb)
 
 
 def attnscale_fused(out: torch.Tensor, v: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
     """AttnScale applied after attention: A'v = (1 + lamb) (A v) - lamb DC[v].
 
-    out = A v (B, H, N, d) from a fused kernel, v (B, H, N, d). Exact, since A_dc v is DC[v] in
-    every row; valid whenever no dropout is applied to A. One addcmul: a single pass over A v,
-    whose memory layout it keeps (so the heads merge back into (B, N, C) without a copy).
+    out = A v (B, H, N, d) from a fused kernel, v (B, H, N, d). Exact, valid whenever no dropout is
+    applied to A. Costs one (B, H, N, d) tensor for backward (the kernel keeps A v, the next layer A'v);
+    `attnscale_values_` does not.
     """
-    lamb = lamb.to(out.dtype).view(-1, 1, 1)
-    return torch.addcmul(-lamb * token_mean(v), out, 1. + lamb)
+    lamb = _gain(lamb, out).view(-1, 1, 1)
+    dc = v.mean(dim=-2, keepdim=True, dtype=lamb.dtype)
+    return torch.addcmul(-lamb * dc, out, 1. + lamb).to(out.dtype)
 
 
 def featscale(y: torch.Tensor, lamb1: torch.Tensor, lamb2: torch.Tensor, repeat: float = 1.) -> torch.Tensor:
     """FeatScale on y (B, N, C) with per-channel gains lamb1 (DC) and lamb2 (HF), each (C,).
 
-    y + s (lamb1 DC[y] + lamb2 HF[y]) = (1 + s lamb2) y + s (lamb1 - lamb2) DC[y]: one expression
-    of y and its token mean, so backward keeps only y and DC[y] (no HF[y] or other temporaries).
+    y + s (lamb1 DC[y] + lamb2 HF[y]) = (1 + s lamb2) y + s (lamb1 - lamb2) DC[y]: one expression of y
+    and its token mean, so backward keeps only y and DC[y] (no HF[y] or other temporaries).
     """
-    lamb1, lamb2 = lamb1.to(y.dtype), lamb2.to(y.dtype)
-    return y * (1. + repeat * lamb2) + (repeat * (lamb1 - lamb2)) * token_mean(y)
+    lamb1, lamb2 = _gain(lamb1, y), _gain(lamb2, y)
+    dc = y.mean(dim=-2, keepdim=True, dtype=lamb1.dtype)
+    return torch.addcmul((repeat * (lamb1 - lamb2)) * dc, y, 1. + repeat * lamb2).to(y.dtype)

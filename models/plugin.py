@@ -11,8 +11,9 @@ FeatScale acts once on the attention-branch output, before layer scale and drop 
 `antioversmooth.py`; a subclass only decides where it acts. With zero gains every subclass computes
 what timm's module computes, bit for bit, on the same (fused or explicit) attention path. Where the
 attention runs fused (`scaled_dot_product_attention`), AttnScale stays fused through the exact identity
-A'v = (1 + lamb) Av - lamb DC[v]; the explicit path shows each map to `attn_probe`, an identity whose
-forward hooks see it (diagnostics.py).
+A'v = A v' with v' = DC[v] + (1 + lamb) HF[v] (A's rows sum to one), applied to the values in place,
+so it keeps no extra tensor for backward; the explicit path shows each map to `attn_probe`, an identity
+whose forward hooks see it (diagnostics.py).
 """
 from typing import Optional
 
@@ -24,7 +25,7 @@ from timm.models.cait import Cait, LayerScaleBlock, TalkingHeadAttn
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .antioversmooth import attnscale, attnscale_fused, featscale
+from .antioversmooth import attnscale, attnscale_values_, featscale
 from .checkpoint import ADDON_KEY
 
 ADDONS = ('attnscale', 'featscale')
@@ -38,13 +39,15 @@ class ViTAttention(Attention):
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        fused = self.fused_attn and (self.lamb is None or self.attn_drop.p == 0. or not self.training)
+        if fused and self.lamb is not None:
+            attnscale_values_(qkv[2], self.lamb)  # A'v = A v', v' in place of v
+        q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.fused_attn and (self.lamb is None or self.attn_drop.p == 0. or not self.training):
+        if fused:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                                dropout_p=self.attn_drop.p if self.training else 0.)
-            if self.lamb is not None:
-                x = attnscale_fused(x, v, self.lamb)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal)).softmax(dim=-1)
@@ -101,14 +104,19 @@ class CaitBlock(LayerScaleBlock):
 class SwinWindowAttention(WindowAttention):
     """Swin's window attention with optional AttnScale after the softmax, N = tokens of one window.
 
-    As in the official code, A_dc = 1/N ignores the shift mask (masked entries become -lamb/N). Fused:
-    relative position bias + shift mask go to the kernel as `attn_mask`, then the window mean of v.
+    As in the official code, A_dc = 1/N ignores the shift mask (masked entries become -lamb/N). Fused: the
+    values are rescaled around their window mean first, then relative position bias + shift mask go to the
+    kernel as `attn_mask` (exact: the masked softmax rows still sum to one).
     """
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B_, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.fused_attn and (self.lamb is None or self.attn_drop.p == 0. or not self.training):
+        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        fused = self.fused_attn and (self.lamb is None or self.attn_drop.p == 0. or not self.training)
+        if fused and self.lamb is not None:
+            attnscale_values_(qkv[2], self.lamb)  # A'v = A v' with the window mean, v' in place of v
+        q, k, v = qkv.unbind(0)
+        if fused:
             attn_mask = self._get_rel_pos_bias()
             if mask is not None:  # (windows, N, N), 0 / -100, the same for every image
                 num_win = mask.shape[0]
@@ -116,8 +124,6 @@ class SwinWindowAttention(WindowAttention):
                 attn_mask = attn_mask + mask.reshape(-1, self.num_heads, N, N)
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                                dropout_p=self.attn_drop.p if self.training else 0.)
-            if self.lamb is not None:
-                x = attnscale_fused(x, v, self.lamb)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1) + self._get_rel_pos_bias()
             if mask is not None:

@@ -53,10 +53,10 @@ def test_models_with_memory(runs):
     header, rows = table(stdout)
     assert header == ['model', 'params (M)', 'train ms/step median (min-max)', 'train x', 'train x cpu',
                       'infer img/s median (min-max)', 'infer x', 'infer x cpu', 'peak MB', 'mem x', 'tensor MB',
-                      'tensor x']
+                      'tensor x', 'saved MB', 'saved x']
     assert set(rows) == {'deit_tiny_12', 'attnscale_tiny_12'}
     assert rows['deit_tiny_12'][0] == 'deit_tiny_12 *'  # the first model is the default reference
-    assert {rows['deit_tiny_12'][i] for i in (3, 4, 6, 7, 9, 11)} == {'1.000'}
+    assert {rows['deit_tiny_12'][i] for i in (3, 4, 6, 7, 9, 11)} == {'1.000'} and rows['deit_tiny_12'][13] == '1.0000'
     assert 'batch 2, 32 px, 2 rounds x 2 steps' in stdout
 
     assert set(payload) == {'config', 'environment', 'rounds_done', 'raw', 'summary'}
@@ -71,7 +71,7 @@ def test_models_with_memory(runs):
         assert raw['memory']['peak_mb'] > raw['memory']['tensor_peak_mb'] > 0  # RSS includes the interpreter
         assert set(summary) == {'model', 'dtype', 'attn_path', 'params', 'train_ms', 'train_ratio', 'train_cpu_ratio',
                                 'infer_imgs_per_s', 'infer_ratio', 'infer_cpu_ratio', 'peak_mb', 'peak_ratio',
-                                'tensor_peak_mb', 'tensor_peak_ratio'}
+                                'tensor_peak_mb', 'tensor_peak_ratio', 'saved_bytes', 'saved_ratio'}
         assert set(summary['train_ms']) == set(summary['infer_imgs_per_s']) == {'median', 'min', 'max'}
     assert payload['summary']['deit_tiny_12']['train_ratio'] == 1.0
     assert payload['summary']['attnscale_tiny_12']['params'] == payload['summary']['deit_tiny_12']['params'] + 2 * 3
@@ -142,6 +142,23 @@ def test_explicit_attention_keeps_more_for_backward_than_fused():
     n = (224 // 16) ** 2 + 1  # tokens
     maps_mb = 2 * 16 * 3 * n * n * 4 / 2 ** 20  # blocks x batch x heads x N x N fp32: one saved map per block
     assert peaks['explicit'] - peaks['fused'] > maps_mb
+
+
+@pytest.mark.parametrize('amp', [torch.float32, torch.bfloat16], ids=str)
+def test_saved_bytes_are_exact_and_addons_cost_only_token_means(amp):
+    """Activations saved for backward, to the byte: AttnScale (fused) adds one float32 token mean of v per block
+    (B x H x d); FeatScale y itself, its token mean and two per-channel gains (y in the autocast dtype)."""
+    args = benchmark.get_args_parser().parse_args(['--batch-size', '3', '--img-size', '32', '--num-classes', '10',
+                                                   '--model-kwargs', 'depth=2', 'patch_size=8', '--device', 'cpu'])
+    x, y = benchmark.make_batch(args, torch.device('cpu'))
+    saved = {name: benchmark.saved_bytes(benchmark.build(name, args, torch.device('cpu'), 'float32')[0], x, y, amp)
+             for name in ('deit_tiny_12', 'attnscale_tiny_12', 'featscale_tiny_12')}
+    B, N, C, H, depth = 3, 17, 192, 3, 2
+    assert saved['attnscale_tiny_12'] - saved['deit_tiny_12'] == depth * B * H * (C // H) * 4
+    y_bytes = B * N * C * (2 if amp == torch.bfloat16 else 4)
+    assert saved['featscale_tiny_12'] - saved['deit_tiny_12'] == depth * (y_bytes + B * C * 4 + 2 * C * 4)
+    model = benchmark.build('deit_tiny_12', args, torch.device('cpu'), 'float32')[0]
+    assert benchmark.saved_bytes(model, x, y, amp) == saved['deit_tiny_12']  # deterministic
 
 
 def test_tensor_peak_counts_live_storage():
