@@ -213,7 +213,7 @@ def is_comm_error(exc: BaseException) -> bool:
         return False
     return isinstance(exc, RuntimeError) and any(s in text for s in (
         'gloo', 'Gloo', 'NCCL', 'Connection reset', 'Connection closed', 'Connection refused', 'Broken pipe',
-        'Timed out', 'timed out', 'ProcessGroup'))
+        'Timed out', 'timed out', 'ProcessGroup', 'pair closure'))  # gloo: 'Application timeout caused pair closure'
 
 
 def _mentions_timeout(text: str) -> bool:

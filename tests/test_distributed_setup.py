@@ -70,3 +70,12 @@ def test_nccl_error_handling_is_set_unless_the_user_chose():
     for chosen in ({'TORCH_NCCL_ASYNC_ERROR_HANDLING': '3'}, {'NCCL_ASYNC_ERROR_HANDLING': '0'}):
         env = dict(chosen)
         assert utils.configure_nccl_error_handling(env) == {} and env == chosen
+
+
+def test_gloo_timeout_raised_in_ddp_backward_is_a_one_line_timeout_error():
+    """With the step's flag all-reduce overlapping the backward pass, a hung peer may first be noticed by DDP's
+    gradient all-reduce, whose gloo error reads differently from the all_reduce one."""
+    exc = RuntimeError('Application timeout caused pair closure')
+    assert utils.is_comm_error(exc)
+    assert utils.comm_error_message(exc, 0.15).startswith(
+        'a collective operation failed: another process did not answer within --dist-timeout 0.15 min')
