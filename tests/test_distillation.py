@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import main
-from helpers import make_image_folder
+from helpers import free_port, make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT = ['--model', 'deit_tiny_distilled_patch16_224', '--model-kwargs', 'depth=2', 'embed_dim=48', 'num_heads=2',
@@ -79,8 +79,8 @@ def test_hard_distillation_trains_the_dist_head_on_the_teacher_labels(data, teac
 
 def test_soft_distillation_two_processes_one_epoch(data, teacher, tmp_path):
     out = tmp_path / 'out'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port', '29651', 'main.py',
-           *STUDENT, *FAST, '--data-path', data, '--teacher-model', 'regnety_002', '--teacher-path', teacher,
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port', str(free_port()),
+           'main.py', *STUDENT, *FAST, '--data-path', data, '--teacher-model', 'regnety_002', '--teacher-path', teacher,
            '--distillation-type', 'soft', '--distillation-tau', '2.0', '--epochs', '1', '--output_dir', out]
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

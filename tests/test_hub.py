@@ -18,7 +18,7 @@ from huggingface_hub import constants as hf_constants
 from timm.layers import resample_abs_pos_embed
 
 import models
-from helpers import make_image_folder
+from helpers import free_port, make_image_folder
 from models.checkpoint import CheckpointError
 from models.hub import HF_HUB_ID, RELEASED
 
@@ -215,7 +215,7 @@ def test_timm_model_pretrained_from_the_cache(cache):
 # ---------------------------------------------------------------- main.py --pretrained
 
 def run_main(args, env, launcher=False):
-    cmd = [sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=1', '--master_port', '29631',
+    cmd = [sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=1', '--master_port', str(free_port()),
            '--use_env', 'main.py'] if launcher else [sys.executable, 'main.py']
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', **env)
     return subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -209,13 +209,13 @@ def test_main_addon_trains_and_evaluates_with_two_processes(data, tmp_path):
     from test_training import FAST, eval_accuracy, run
     out = tmp_path / 'run'
     common = [*VIT, '--addon', 'attnscale', *FAST, '--data-path', data]
-    run(common + ['--epochs', '2', '--sched-on-updates', '--output_dir', out], launcher='launch', port=29631)
+    run(common + ['--epochs', '2', '--sched-on-updates', '--output_dir', out], launcher='launch')
     ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
     assert ckpt['args']['addon'] == 'attnscale' and ckpt['model']['blocks.1.attn.lamb'].abs().sum() > 0
     logs = [__import__('json').loads(line) for line in (out / 'log.txt').read_text().splitlines()]
     steps = 48 // (2 * 8)  # updates per epoch; warm-up over the first epoch's updates, from 1e-6 to 2e-3
     assert logs[0]['train_lr'] == pytest.approx(sum(1e-6 + (2e-3 - 1e-6) * t / steps for t in range(steps)) / steps)
-    proc = run(common + ['--eval', '--resume', out / 'checkpoint.pth'], launcher='launch', port=29632)
+    proc = run(common + ['--eval', '--resume', out / 'checkpoint.pth'], launcher='launch')
     assert eval_accuracy(proc.stdout) == pytest.approx(logs[-1]['test_acc1'], abs=0.05)
 
 

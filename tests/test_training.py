@@ -110,7 +110,7 @@ def test_dist_eval_matches_single_process_accuracy_and_warns_about_padding(train
     out, _, _ = trained
     last = json.loads((out / 'log.txt').read_text().splitlines()[-1])
     common = ['--model', 'attnscale_tiny_12', *TINY, *FAST, '--eval', '--dist-eval', '--resume', out / 'checkpoint.pth']
-    even = run(common + ['--data-path', data], launcher='launch', port=29619)
+    even = run(common + ['--data-path', data], launcher='launch')
     acc1, acc5 = re.findall(r'\* Acc@1 ([\d.]+) Acc@5 ([\d.]+)', even.stdout)[-1]
     assert float(acc1) == pytest.approx(last['test_acc1'], abs=1e-3)
     assert float(acc5) == pytest.approx(last['test_acc5'], abs=1e-3)
@@ -119,7 +119,7 @@ def test_dist_eval_matches_single_process_accuracy_and_warns_about_padding(train
     odd = tmp_path / 'odd'
     shutil.copytree(data, odd)
     sorted((odd / 'val' / 'class_00').iterdir())[0].unlink()
-    padded = run(common + ['--data-path', odd], launcher='launch', port=29620)
+    padded = run(common + ['--data-path', odd], launcher='launch')
     assert 'Warning: the validation set does not divide by the number of processes; distributed evaluation pads ' \
            'it with repeated images' in padded.stdout
     assert 'Accuracy of the network on the 19 test images' in padded.stdout
@@ -194,7 +194,7 @@ def test_bfloat16_and_compile_train_and_evaluate(data, tmp_path, name, flags):
               '--no-log-tensorboard']
     out = tmp_path / name
     run(common + ['--epochs', '1', '--output_dir', out, *flags], launcher='launch' if name == 'compile' else 'python',
-        port=29621, timeout=500)
+        timeout=500)
     stats = json.loads((out / 'log.txt').read_text())
     assert stats['epoch'] == 0 and math.isfinite(stats['train_loss']) and math.isfinite(stats['test_loss'])
     state = torch.load(out / 'checkpoint.pth', weights_only=True)['model']
