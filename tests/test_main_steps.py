@@ -140,7 +140,7 @@ def test_training_state_saves_and_restores_the_same_entries(data):
     def state_for(args):
         with contextlib.redirect_stdout(io.StringIO()):
             model, ema = main.prepare_model(args, 4, torch.device('cpu'))
-            optimizer, scheduler, _ = main.build_optimization(args, model, torch.float32)
+            optimizer, scheduler, _ = main.build_optimization(args, model, torch.float32, steps_per_epoch=4)
         return main.TrainingState(model, ema, optimizer, scheduler, None, run_args=dict(vars(args), world_size=1))
     args = parse(['--model', 'attnscale_tiny_12', *TINY, *FAST, '--data-path', data])
     torch.manual_seed(0)
