@@ -25,7 +25,7 @@ from timm.models.cait import Cait, LayerScaleBlock, TalkingHeadAttn
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .antioversmooth import attnscale, attnscale_values_, featscale
+from .antioversmooth import attnscale, attnscale_fused, attnscale_values_, featscale
 from .checkpoint import ADDON_KEY
 
 ADDONS = ('attnscale', 'featscale')
@@ -104,19 +104,16 @@ class CaitBlock(LayerScaleBlock):
 class SwinWindowAttention(WindowAttention):
     """Swin's window attention with optional AttnScale after the softmax, N = tokens of one window.
 
-    As in the official code, A_dc = 1/N ignores the shift mask (masked entries become -lamb/N). Fused: the
-    values are rescaled around their window mean first, then relative position bias + shift mask go to the
-    kernel as `attn_mask` (exact: the masked softmax rows still sum to one).
+    As in the official code, A_dc = 1/N ignores the shift mask (masked entries become -lamb/N). Fused:
+    relative position bias + shift mask go to the kernel as `attn_mask`, then the window mean of v
+    (A'v = (1 + lamb) Av - lamb DC[v]): with a mask, rescaling v in place before the kernel, as
+    `ViTAttention` does, measured more saved bytes (+16% for Swin-S) than this correction (+5%).
     """
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B_, N, C = x.shape
-        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        fused = self.fused_attn and (self.lamb is None or self.attn_drop.p == 0. or not self.training)
-        if fused and self.lamb is not None:
-            attnscale_values_(qkv[2], self.lamb)  # A'v = A v' with the window mean, v' in place of v
-        q, k, v = qkv.unbind(0)
-        if fused:
+        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fused_attn and (self.lamb is None or self.attn_drop.p == 0. or not self.training):
             attn_mask = self._get_rel_pos_bias()
             if mask is not None:  # (windows, N, N), 0 / -100, the same for every image
                 num_win = mask.shape[0]
@@ -124,6 +121,8 @@ class SwinWindowAttention(WindowAttention):
                 attn_mask = attn_mask + mask.reshape(-1, self.num_heads, N, N)
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                                dropout_p=self.attn_drop.p if self.training else 0.)
+            if self.lamb is not None:
+                x = attnscale_fused(x, v, self.lamb)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1) + self._get_rel_pos_bias()
             if mask is not None:
