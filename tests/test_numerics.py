@@ -12,44 +12,11 @@ import torch.nn.functional as F
 import models
 from models import antioversmooth
 from models.antioversmooth import attnscale, attnscale_fused, attnscale_values_, featscale
+from test_models import _official_cait_block as official_cait_block  # the released blocks, written out
+from test_models import _official_deit_block as official_deit_block
 
 LOW = [torch.bfloat16, torch.float16]
 ADDON = ('lamb', 'lamb1', 'lamb2')
-
-
-def official_deit_block(blk, x):
-    """The released DeiT block, written out (N x N A_dc, FeatScale's terms added twice)."""
-    attn, H = blk.attn, blk.attn.num_heads
-    B, N, C = x.shape
-    q, k, v = attn.qkv(blk.norm1(x)).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)
-    A = (q @ k.transpose(-2, -1) * (C // H) ** -0.5).softmax(dim=-1)
-    if attn.lamb is not None:
-        A_dc = torch.full_like(A, 1. / N)
-        A = A_dc + (1 + attn.lamb.view(H, 1, 1)) * (A - A_dc)
-    y = attn.proj((A @ v).transpose(1, 2).reshape(B, N, C))
-    if blk.lamb1 is not None:
-        y_dc = y.mean(dim=1, keepdim=True)
-        y = y + 2 * (blk.lamb1 * y_dc + blk.lamb2 * (y - y_dc))
-    x = x + y
-    return x + blk.mlp(blk.norm2(x))
-
-
-def official_cait_block(blk, x):
-    """The released CaiT self-attention block, written out (AttnScale after the talking-heads mix)."""
-    attn, H = blk.attn, blk.attn.num_heads
-    B, N, C = x.shape
-    q, k, v = attn.qkv(blk.norm1(x)).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)
-    A = attn.proj_l((q * (C // H) ** -0.5 @ k.transpose(-2, -1)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-    A = attn.proj_w(A.softmax(dim=-1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-    if attn.lamb is not None:
-        A_dc = torch.full_like(A, 1. / N)
-        A = A_dc + (1 + attn.lamb.view(H, 1, 1)) * (A - A_dc)
-    y = attn.proj((A @ v).transpose(1, 2).reshape(B, N, C))
-    if blk.lamb1 is not None:
-        y_dc = y.mean(dim=1, keepdim=True)
-        y = y + blk.lamb1 * y_dc + blk.lamb2 * (y - y_dc)
-    x = x + blk.gamma_1 * y
-    return x + blk.gamma_2 * blk.mlp(blk.norm2(x))
 
 
 def official_float64(model):
