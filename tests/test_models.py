@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import models
+from helpers import assert_same_outputs_and_grads
 
 MANIFESTS_DIR = Path(__file__).resolve().parent / 'reference/manifests'
 MANIFESTS = sorted(p for p in MANIFESTS_DIR.glob('*.json') if 'swin' not in p.name)  # DeiT and CaiT
@@ -103,16 +104,7 @@ def test_fused_path_matches_explicit_path_with_gradients():
     explicit.load_state_dict(fused.state_dict())
     for blk in explicit.blocks:
         blk.attn.fused_attn = False
-    x = torch.randn(4, 3, 64, 64)
-    outs = []
-    for model in (fused, explicit):
-        model.train()  # attention dropout is 0, so the fused path is taken in training too
-        out = model(x)
-        out.square().mean().backward()
-        outs.append(out)
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
-    for (n, p), q in zip(fused.named_parameters(), explicit.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=n)
+    assert_same_outputs_and_grads(fused, explicit, torch.randn(4, 3, 64, 64))
     assert any(p.grad.abs().sum() > 0 for n, p in fused.named_parameters() if n.endswith('attn.lamb'))
 
 

@@ -10,6 +10,7 @@ from timm.models.vision_transformer import ResPostBlock
 import models
 from models.checkpoint import ADDON_KEY
 from models.plugin import self_attention_blocks
+from helpers import assert_same_outputs_and_grads
 
 SWIN = dict(img_size=56, embed_dim=32, depths=(2, 2), num_heads=(2, 4))  # stage 0: 14x14, shifted 7x7 windows
 FAMILIES = {  # name: (create_model kwargs, input size)
@@ -137,16 +138,7 @@ def test_fused_and_explicit_paths_agree_with_gradients(name):
     explicit = copy.deepcopy(fused)
     models.set_fused_attn(fused, True)
     models.set_fused_attn(explicit, False)
-    x = torch.randn(2, 3, size, size)
-    outs = []
-    for model in (fused, explicit):
-        model.train()
-        out = model(x)
-        out.square().mean().backward()
-        outs.append(out)
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
-    for (n, p), q in zip(fused.named_parameters(), explicit.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=n)
+    assert_same_outputs_and_grads(fused, explicit, torch.randn(2, 3, size, size))
     lamb_grads = [p.grad for n, p in fused.named_parameters() if n.endswith('attn.lamb')]
     assert lamb_grads and all(g.abs().sum() > 0 for g in lamb_grads)
     if name.startswith('swin'):
