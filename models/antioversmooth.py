@@ -21,9 +21,11 @@ Numerics: the gains stay in float32 (at least) and every correction is formed th
 in the activation's dtype; 1 + lamb is never rounded to bfloat16/float16 (where it is 1.0 for
 |lamb| < 2^-9 and rows of A' would stop summing to one). Zero gains return the input bit for bit.
 Memory: no N x N constant is built; `attnscale_values_` keeps nothing for backward but a token
-mean (see `AttnScaleValues`); `featscale` keeps y and its token mean.
+mean (see `AttnScaleValues`); `featscale_linear` (FeatScale fused with the projection producing y)
+nothing but a token mean (see `FeatScaleLinear`); `featscale` alone keeps y.
 """
 import torch
+import torch.nn.functional as F
 
 
 def token_mean(x: torch.Tensor) -> torch.Tensor:
@@ -110,3 +112,55 @@ def featscale(y: torch.Tensor, lamb1: torch.Tensor, lamb2: torch.Tensor, repeat:
     lamb1, lamb2 = _gain(lamb1, y), _gain(lamb2, y)
     dc = y.mean(dim=-2, keepdim=True, dtype=lamb1.dtype)
     return torch.addcmul((repeat * (lamb1 - lamb2)) * dc, y, 1. + repeat * lamb2).to(y.dtype)
+
+
+class FeatScaleLinear(torch.autograd.Function):
+    """FeatScale(z W^T + b): the projection y = z W^T + b and FeatScale on y in one step.
+
+    Backward keeps z (which the projection keeps anyway), DC[y] and the parameters, not y: with
+    y' = a y + c DC[y] (a = 1 + s lamb2, c = s (lamb1 - lamb2)), sum_n g y = W . (g^T z) + b sum_n g,
+    and g^T z (C x K) costs what the projection's weight gradient costs, which follows from it.
+    """
+
+    @staticmethod
+    def forward(ctx, z, weight, bias, lamb1, lamb2, repeat):
+        y = F.linear(z, weight, bias)
+        out = featscale(y, lamb1, lamb2, repeat)
+        ctx.repeat = repeat
+        ctx.save_for_backward(z, weight, bias, lamb1, lamb2, y.mean(dim=-2, keepdim=True, dtype=lamb1.dtype))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not torch.amp.is_autocast_available(grad.device.type):
+            return FeatScaleLinear._backward(ctx.repeat, grad, *ctx.saved_tensors)
+        with torch.autocast(grad.device.type, enabled=False):
+            return FeatScaleLinear._backward(ctx.repeat, grad, *ctx.saved_tensors)
+
+    @staticmethod
+    def _backward(s, grad, z, weight, bias, lamb1, lamb2, dc):
+        a, c, n = 1. + s * lamb2, s * (lamb1 - lamb2), grad.shape[-2]
+        grad_sum = grad.sum(dim=-2, keepdim=True, dtype=a.dtype)  # (B, 1, C)
+        w = weight.to(a.dtype)
+        grad_z = grad @ (a[:, None] * w).to(grad.dtype)
+        grad_z += ((c / n) * grad_sum) @ w
+        gz = grad.flatten(0, -2).t() @ z.flatten(0, -2).to(grad.dtype)  # (C, K): g^T z
+        z_sum = z.sum(dim=-2, dtype=a.dtype).flatten(0, -2)  # (B, K)
+        grad_w = a[:, None] * gz.to(a.dtype) + (c / n)[:, None] * (grad_sum.flatten(0, -2).t() @ z_sum)
+        grad_total = grad_sum.flatten(0, -2).sum(0)
+        g_y = (gz.to(a.dtype) * w).sum(-1) + grad_total * bias.to(a.dtype)  # sum over tokens of g * y
+        g_dc = (grad_sum * dc).flatten(0, -2).sum(0)  # sum over tokens of g * DC[y]
+        return (grad_z.to(z.dtype), grad_w.to(weight.dtype), ((a + c) * grad_total).to(bias.dtype),
+                s * g_dc, s * (g_y - g_dc), None)
+
+
+def featscale_linear(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lamb1: torch.Tensor,
+                     lamb2: torch.Tensor, repeat: float = 1.) -> torch.Tensor:
+    """featscale(F.linear(z, weight, bias), lamb1, lamb2, repeat), bit for bit, keeping for backward only what
+    the projection keeps (z) and a token mean: FeatScale on the projection that produces y (B, N, C)."""
+    if torch.jit.is_scripting() or torch.compiler.is_compiling():  # no custom Function there; same formula
+        return featscale(F.linear(z, weight, bias), lamb1, lamb2, repeat)
+    device = z.device.type
+    if z.dtype == torch.float32 and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        z = z.to(torch.get_autocast_dtype(device))  # the copy that autocast's linear would keep
+    return FeatScaleLinear.apply(z, weight, bias, _gain(lamb1, z), _gain(lamb2, z), repeat)

@@ -13,7 +13,8 @@ what timm's module computes, bit for bit, on the same (fused or explicit) attent
 attention runs fused (`scaled_dot_product_attention`), AttnScale stays fused through the exact identity
 A'v = A v' with v' = DC[v] + (1 + lamb) HF[v] (A's rows sum to one), applied to the values in place,
 so it keeps no extra tensor for backward; the explicit path shows each map to `attn_probe`, an identity
-whose forward hooks see it (diagnostics.py).
+whose forward hooks see it (diagnostics.py). In ViT and CaiT blocks FeatScale runs fused with the
+attention's output projection for the same reason (`FeatScaleProjection`).
 """
 from typing import Optional
 
@@ -25,7 +26,7 @@ from timm.models.cait import Cait, LayerScaleBlock, TalkingHeadAttn
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .antioversmooth import attnscale, attnscale_fused, attnscale_values_, featscale
+from .antioversmooth import attnscale, attnscale_fused, attnscale_values_, featscale, featscale_linear
 from .checkpoint import ADDON_KEY
 
 ADDONS = ('attnscale', 'featscale')
@@ -37,6 +38,10 @@ class ViTAttention(Attention):
     """timm's `Attention` with optional AttnScale (`lamb`, per head) on the post-softmax map."""
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        return self.proj_drop(self.proj(self.mix(x, attn_mask, is_causal)))
+
+    def mix(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        """The attention's output before its projection `proj`: heads mixed, normed and gated."""
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -57,19 +62,36 @@ class ViTAttention(Attention):
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
         if gate is not None:
             x = x * gate
-        return self.proj_drop(self.proj(x))
+        return x
 
 
-class ViTBlock(Block):
+class FeatScaleProjection:
+    """For blocks whose attention ends in `proj_drop(proj(z))`: FeatScale fused with that projection
+    (`featscale_linear`, which keeps no extra tensor for backward) while gradients are recorded and no
+    dropout follows the projection. Otherwise the attention runs whole, then `featscale`: the same numbers,
+    and forward hooks on `attn` see its output (diagnostics.py runs without gradients)."""
+
+    def featscale_fused(self) -> bool:
+        return torch.is_grad_enabled() and (self.attn.proj_drop.p == 0. or not self.training)
+
+    def featscale_projection(self, z: torch.Tensor) -> torch.Tensor:
+        return featscale_linear(z, self.attn.proj.weight, self.attn.proj.bias, self.lamb1, self.lamb2,
+                                self.feat_scale_repeat)
+
+
+class ViTBlock(Block, FeatScaleProjection):
     """timm's pre-norm `Block` with optional FeatScale on the attention branch, before `ls1`.
 
     `feat_scale_repeat` is 1 (the paper); the released DeiT models use 2 (see `deit.py`).
     """
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        y = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
-        if self.lamb1 is not None and self.lamb2 is not None:
-            y = featscale(y, self.lamb1, self.lamb2, self.feat_scale_repeat)
+        if self.lamb1 is not None and self.lamb2 is not None and self.featscale_fused():
+            y = self.featscale_projection(self.attn.mix(self.norm1(x), attn_mask, is_causal))
+        else:
+            y = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
+            if self.lamb1 is not None and self.lamb2 is not None:
+                y = featscale(y, self.lamb1, self.lamb2, self.feat_scale_repeat)
         x = x + self.drop_path1(self.ls1(y))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
@@ -79,6 +101,10 @@ class CaitAttention(TalkingHeadAttn):
     (rows then need not sum to 1; A_dc = 1/N all the same, as in the released models)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj_drop(self.proj(self.mix(x)))
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention's output before its projection `proj`."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         attn = (q * self.scale) @ k.transpose(-2, -1)
@@ -86,17 +112,19 @@ class CaitAttention(TalkingHeadAttn):
         attn = self.proj_w(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         if self.lamb is not None:
             attn = attnscale(attn, self.lamb)
-        x = (self.attn_drop(self.attn_probe(attn)) @ v).transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
+        return (self.attn_drop(self.attn_probe(attn)) @ v).transpose(1, 2).reshape(B, N, C)
 
 
-class CaitBlock(LayerScaleBlock):
+class CaitBlock(LayerScaleBlock, FeatScaleProjection):
     """CaiT's self-attention block with optional FeatScale, before `gamma_1`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.attn(self.norm1(x))
-        if self.lamb1 is not None and self.lamb2 is not None:
-            y = featscale(y, self.lamb1, self.lamb2, self.feat_scale_repeat)
+        if self.lamb1 is not None and self.lamb2 is not None and self.featscale_fused():
+            y = self.featscale_projection(self.attn.mix(self.norm1(x)))
+        else:
+            y = self.attn(self.norm1(x))
+            if self.lamb1 is not None and self.lamb2 is not None:
+                y = featscale(y, self.lamb1, self.lamb2, self.feat_scale_repeat)
         x = x + self.drop_path(self.gamma_1 * y)
         return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
 
