@@ -1,7 +1,8 @@
 """AttnScale / FeatScale models. Importing this package registers every variant in timm's registry;
 `apply_addon` installs either add-on into a supported timm model."""
 from . import cait, deit, swin
-from .antioversmooth import attnscale, attnscale_fused, dc_hf_split, featscale, token_mean
+from .antioversmooth import attnscale, dc_hf_split, featscale, token_mean
 from .checkpoint import load_checkpoint, load_state_dict
+from .fused import attnscale_fused, attnscale_values_, featscale_linear
 from .plugin import ADDONS, apply_addon, set_fused_attn
 from .registry import create_model, list_variants, parse_model_kwargs

@@ -8,7 +8,7 @@ and gives them the add-on's gains, named as in the released checkpoints and zero
     FeatScale   <block>.lamb1/lamb2  (channels,)  y' = y + lamb1 DC[y] + lamb2 HF[y], y the attention branch
 
 FeatScale acts once on the attention-branch output, before layer scale and drop path. The maths is
-`antioversmooth.py`; a subclass only decides where it acts. With zero gains every subclass computes
+`antioversmooth.py` (and its fused forms, `fused.py`); a subclass only decides where it acts. With zero gains every subclass computes
 what timm's module computes, bit for bit, on the same (fused or explicit) attention path. Where the
 attention runs fused (`scaled_dot_product_attention`), AttnScale stays fused through the exact identity
 A'v = A v' with v' = DC[v] + (1 + lamb) HF[v] (A's rows sum to one), applied to the values in place,
@@ -26,7 +26,8 @@ from timm.models.cait import Cait, LayerScaleBlock, TalkingHeadAttn
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .antioversmooth import attnscale, attnscale_fused, attnscale_values_, featscale, featscale_linear
+from .antioversmooth import attnscale, featscale
+from .fused import attnscale_fused, attnscale_values_, featscale_linear
 from .checkpoint import ADDON_KEY
 
 ADDONS = ('attnscale', 'featscale')
