@@ -17,13 +17,14 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402  (registers the variants)
+from benchmark import timed  # noqa: E402
+from engine import autocast  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -74,27 +75,22 @@ def middle_blocks(names: list, img_size: int) -> tuple:
 def train_once(blk, x, upstream, amp) -> None:
     blk.zero_grad(set_to_none=True)
     x.grad = None
-    with torch.autocast(x.device.type, amp or torch.float32, enabled=amp is not None):
+    with autocast(x.device, amp):
         out = blk(x)
     out.backward(upstream.to(out.dtype))
 
 
 def infer_once(blk, x, amp) -> None:
-    with torch.no_grad(), torch.autocast(x.device.type, amp or torch.float32, enabled=amp is not None):
+    with torch.no_grad(), autocast(x.device, amp):
         blk(x)
 
 
-def seconds(fn, *args) -> float:
+def seconds(fn, blk, x, *args) -> float:
     """Wall seconds of one call, device work included."""
-    sync = torch.cuda.synchronize if args[1].is_cuda else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    fn(*args)
-    sync()
-    return time.perf_counter() - start
+    return timed(lambda: fn(blk, x, *args), x.device)[0]
 
 
-def measure(blocks: dict, x, upstream, repeats: int, amp=None) -> dict:
+def measure(blocks: dict, x, upstream, repeats: int, amp=torch.float32) -> dict:
     """{name: {'train': [s, ...], 'infer': [s, ...]}}; one warm-up call each; the order rotates per repeat."""
     names = list(blocks)
     for blk in blocks.values():
@@ -141,7 +137,7 @@ def main(argv=None) -> int:
     blocks = {name: blk.to(device) for name, blk in blocks.items()}
     x = torch.randn(args.batch_size, tokens, dim, device=device, requires_grad=True)
     upstream = torch.randn(args.batch_size, tokens, dim, device=device)
-    samples = measure(blocks, x, upstream, args.repeats, getattr(torch, args.amp) if args.amp else None)
+    samples = measure(blocks, x, upstream, args.repeats, getattr(torch, args.amp or 'float32'))
     summary = summarize(samples)
     where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {args.threads} thread(s)'
     print(f'one block, batch {args.batch_size}, {tokens} tokens, width {dim}, {args.amp or "float32"}, {where}, '
