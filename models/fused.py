@@ -7,6 +7,8 @@ The formulas are those of `antioversmooth.py`, rearranged:
 Each is exact (the same outputs; gradients to rounding). Under TorchScript and torch.compile, where the
 custom autograd Functions below do not run, the same formulas run through plain autograd.
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -97,13 +99,15 @@ class FeatScaleLinear(torch.autograd.Function):
         z_sum = z.sum(dim=-2, dtype=a.dtype).flatten(0, -2)  # (B, K)
         grad_w = a[:, None] * gz.to(a.dtype) + (c / n)[:, None] * (grad_sum.flatten(0, -2).t() @ z_sum)
         grad_total = grad_sum.flatten(0, -2).sum(0)
-        g_y = (gz.to(a.dtype) * w).sum(-1) + grad_total * bias.to(a.dtype)  # sum over tokens of g * y
+        g_y = (gz.to(a.dtype) * w).sum(-1)  # sum over tokens of g * y ...
+        if bias is not None:
+            g_y = g_y + grad_total * bias.to(a.dtype)  # ... with y's bias
+        grad_b = None if bias is None else ((a + c) * grad_total).to(bias.dtype)
         g_dc = (grad_sum * dc).flatten(0, -2).sum(0)  # sum over tokens of g * DC[y]
-        return (grad_z.to(z.dtype), grad_w.to(weight.dtype), ((a + c) * grad_total).to(bias.dtype),
-                s * g_dc, s * (g_y - g_dc), None)
+        return grad_z.to(z.dtype), grad_w.to(weight.dtype), grad_b, s * g_dc, s * (g_y - g_dc), None
 
 
-def featscale_linear(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lamb1: torch.Tensor,
+def featscale_linear(z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lamb1: torch.Tensor,
                      lamb2: torch.Tensor, repeat: float = 1.) -> torch.Tensor:
     """featscale(F.linear(z, weight, bias), lamb1, lamb2, repeat), bit for bit, keeping for backward only what
     the projection keeps (z) and a token mean: FeatScale on the projection that produces y (B, N, C)."""
