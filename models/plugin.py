@@ -8,12 +8,12 @@ and gives them the add-on's gains, named as in the released checkpoints and zero
     FeatScale   <block>.lamb1/lamb2  (channels,)  y' = y + lamb1 DC[y] + lamb2 HF[y], y the attention branch
 
 FeatScale acts once on the attention-branch output, before layer scale and drop path. The maths is
-`antioversmooth.py` (and its fused forms, `fused.py`); a subclass only decides where it acts. With zero gains every subclass computes
-what timm's module computes, bit for bit, on the same (fused or explicit) attention path. Where the
-attention runs fused (`scaled_dot_product_attention`), AttnScale stays fused through the exact identity
-A'v = A v' with v' = DC[v] + (1 + lamb) HF[v] (A's rows sum to one), applied to the values in place,
-so it keeps no extra tensor for backward; the explicit path shows each map to `attn_probe`, an identity
-whose forward hooks see it (diagnostics.py). In ViT and CaiT blocks FeatScale runs fused with the
+`antioversmooth.py` (its fused forms: `fused.py`); a subclass only decides where it acts. With zero
+gains every subclass computes what timm's module computes, bit for bit, on the same (fused or explicit)
+attention path. Where the attention runs fused (`scaled_dot_product_attention`), AttnScale stays fused
+through the exact identity A'v = A v' with v' = DC[v] + (1 + lamb) HF[v] (A's rows sum to one), applied
+to the values in place, so it keeps no extra tensor for backward; the explicit path shows each map to
+`attn_probe`, an identity whose forward hooks see it (diagnostics.py). In ViT and CaiT blocks FeatScale runs fused with the
 attention's output projection for the same reason (`FeatScaleProjection`).
 """
 from typing import Optional

@@ -121,7 +121,8 @@ def summarize(samples: dict) -> dict:
 def format_table(summary: dict) -> str:
     lines = ['model | train ms | train x (quartiles) | inference ms | inference x (quartiles)', '---|---|---|---|---']
     for name, s in summary.items():
-        cells = [f'{s[m]["ms"]:.1f} | {s[m]["ratio"]:.4f} ({s[m]["q1"]:.4f}-{s[m]["q3"]:.4f})' for m in ('train', 'infer')]
+        cells = [f'{s[m]["ms"]:.1f} | {s[m]["ratio"]:.4f} ({s[m]["q1"]:.4f}-{s[m]["q3"]:.4f})'
+                 for m in ('train', 'infer')]
         lines.append(f'{name} | ' + ' | '.join(cells))
     return '\n'.join(lines)
 
@@ -141,7 +142,8 @@ def main(argv=None) -> int:
     summary = summarize(samples)
     where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {args.threads} thread(s)'
     print(f'one block, batch {args.batch_size}, {tokens} tokens, width {dim}, {args.amp or "float32"}, {where}, '
-          f'{args.repeats} repeats, torch {torch.__version__}; ratios: median of paired samples, reference {args.models[0]}')
+          f'{args.repeats} repeats, torch {torch.__version__}; ratios: median of paired samples, '
+          f'reference {args.models[0]}')
     print(format_table(summary))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(config=vars(args), tokens=tokens, samples=samples,

@@ -32,8 +32,8 @@ def test_pairs_samples_with_the_reference_and_reads_the_block_input_shape(tmp_pa
 
 def test_cait_blocks_see_the_patch_tokens_only(tmp_path):
     out = tmp_path / 'cait.json'
-    assert run('--models', 'cait_XXS24_224', '--img-size', '32', '--batch-size', '1', '--repeats', '1', '--amp', 'bfloat16',
-               '--json', str(out)).returncode == 0
+    assert run('--models', 'cait_XXS24_224', '--img-size', '32', '--batch-size', '1', '--repeats', '1',
+               '--amp', 'bfloat16', '--json', str(out)).returncode == 0
     assert json.loads(out.read_text())['tokens'] == 4
 
 

@@ -188,7 +188,8 @@ def test_function_gradients_in_float64():
     y = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
     lamb1, lamb2 = (torch.randn(6, dtype=torch.float64, requires_grad=True) for _ in range(2))
     assert torch.autograd.gradcheck(lambda y, a, b: featscale(y, a, b, 2.), (y, lamb1, lamb2))
-    z, weight, bias = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((2, 5, 4), (6, 4), (6,)))
+    z, weight, bias = (torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+                       for shape in ((2, 5, 4), (6, 4), (6,)))
     assert torch.autograd.gradcheck(lambda *t: featscale_linear(*t, 2.), (z, weight, bias, lamb1, lamb2))
     assert torch.autograd.gradcheck(lambda z, w, a, b: featscale_linear(z, w, None, a, b), (z, weight, lamb1, lamb2))
 
