@@ -134,7 +134,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    blocks, (tokens, dim) = middle_blocks(args.models, args.img_size)
+    try:
+        blocks, (tokens, dim) = middle_blocks(args.models, args.img_size)
+    except ValueError as exc:  # an unknown name, an add-on a model cannot take
+        sys.exit(f'error: {exc}')
     blocks = {name: blk.to(device) for name, blk in blocks.items()}
     x = torch.randn(args.batch_size, tokens, dim, device=device, requires_grad=True)
     upstream = torch.randn(args.batch_size, tokens, dim, device=device)

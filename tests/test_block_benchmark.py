@@ -43,3 +43,10 @@ def test_models_without_vit_blocks_are_refused_in_one_line():
     assert result.stderr.strip().splitlines() == [
         'error: swin_tiny_patch4_window7_224 has no `blocks` of self-attention (ViT/DeiT/CaiT only); '
         'time Swin with benchmark.py instead']
+
+
+def test_unknown_model_names_are_one_line_with_the_close_names():
+    result = run('--models', 'deit_smal_12', '--repeats', '1')
+    assert result.returncode == 1
+    line, = result.stderr.strip().splitlines()
+    assert line.startswith("error: unknown model 'deit_smal_12'; closest: deit_small_12")
