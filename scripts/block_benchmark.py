@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402  (registers the variants)
 from benchmark import timed  # noqa: E402
+from models.checkpoint import ADDON_KEY  # noqa: E402
 from engine import autocast  # noqa: E402
 
 
@@ -65,7 +66,7 @@ def middle_blocks(names: list, img_size: int) -> tuple:
             blk.load_state_dict(next(iter(blocks.values())).state_dict(), strict=False)
         with torch.no_grad():
             for key, p in blk.named_parameters():
-                if key.split('.')[-1] in ('lamb', 'lamb1', 'lamb2'):
+                if ADDON_KEY.search(key):
                     p.fill_(0.01)
         shape = shape or block_input_shape(model, blk, img_size)
         blocks[name] = blk.train()
