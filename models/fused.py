@@ -1,7 +1,7 @@
 """AttnScale and FeatScale fused with the operations around them, so that they keep nothing extra for backward.
 
 The formulas are those of `antioversmooth.py`, rearranged:
-- `attnscale_values_`: AttnScale through a fused attention kernel, on the values, in place (A'v = A v');
+- `attnscale_qkv`: AttnScale through a fused attention kernel, on the values, in the qkv projection (A'v = A v');
 - `attnscale_fused`: the same after the kernel, A'v = (1 + lamb) A v - lamb DC[v] (costs one tensor);
 - `featscale_linear`: FeatScale together with the projection that produces y (y itself is not kept).
 Each is exact (the same outputs; gradients to rounding). Under TorchScript and torch.compile, where the
@@ -16,41 +16,65 @@ from . import antioversmooth
 from .antioversmooth import featscale
 
 
-class AttnScaleValues(torch.autograd.Function):
-    """v <- DC[v] + (1 + lamb) HF[v] in place, formed in float32 (lamb's dtype) and stored in v's dtype.
+class AttnScaleQKV(torch.autograd.Function):
+    """qkv = z W^T + b with AttnScale applied to its values v (the last third), in place: v <- v'.
 
-    Backward keeps v' (which attention keeps anyway), DC[v] and lamb, no other activation:
-    HF[v] = HF[v'] / (1 + lamb), so 1 + lamb must not vanish (lamb = -1 would make A' = A_dc).
+    A' v = A v' with v' = DC[v] + (1 + lamb) HF[v] per head (A_dc v = DC[v] in every row, A DC[v] = DC[v]
+    for row-stochastic A). Running the projection here makes qkv this Function's own output, so the
+    in-place rescale costs autograd no copy of qkv's gradient, as it would on a view of it. Backward keeps
+    z and qkv (the projection and the attention kernel keep them anyway), DC[v] and the parameters; HF[v] is
+    HF[v'] / (1 + lamb), so 1 + lamb must not vanish (lamb = -1 would make A' = A_dc).
     """
 
     @staticmethod
-    def forward(ctx, v, lamb):
-        dc = v.mean(dim=-2, keepdim=True, dtype=lamb.dtype)
-        v.copy_(torch.addcmul(-lamb * dc, v, 1. + lamb))
-        ctx.mark_dirty(v)
-        ctx.save_for_backward(v, dc, lamb)
-        return v
+    def forward(ctx, z, weight, bias, lamb, num_heads):
+        qkv = F.linear(z, weight, bias)
+        v = qkv[..., 2 * qkv.shape[-1] // 3:].unflatten(-1, (num_heads, -1))  # (B, N, H, d), in qkv
+        lamb_ = lamb.view(-1, 1)
+        dc = v.mean(dim=-3, keepdim=True, dtype=lamb.dtype)
+        torch.addcmul(-lamb_ * dc, v, 1. + lamb_, out=v)
+        ctx.num_heads = num_heads
+        ctx.save_for_backward(z, weight, bias, lamb, dc, qkv)
+        return qkv
 
     @staticmethod
     def backward(ctx, grad):
-        v, dc, lamb = ctx.saved_tensors
-        grad_dc = grad.sum(dim=-2, keepdim=True, dtype=lamb.dtype) * (lamb / grad.shape[-2])
-        grad_v = torch.addcmul(-grad_dc, grad, 1. + lamb).to(grad.dtype)
-        return grad_v, (grad * (v - dc)).sum_to_size(lamb.shape) / (1. + lamb)
+        if not torch.amp.is_autocast_available(grad.device.type):
+            return AttnScaleQKV._backward(ctx.num_heads, grad, *ctx.saved_tensors)
+        with torch.autocast(grad.device.type, enabled=False):
+            return AttnScaleQKV._backward(ctx.num_heads, grad, *ctx.saved_tensors)
+
+    @staticmethod
+    def _backward(num_heads, grad, z, weight, bias, lamb, dc, qkv):
+        k, n, lamb_ = 2 * qkv.shape[-1] // 3, grad.shape[-2], lamb.view(-1, 1)
+        v, grad_v = (t[..., k:].unflatten(-1, (num_heads, -1)) for t in (qkv, grad))
+        grad_dc = grad_v.sum(dim=-3, keepdim=True, dtype=lamb.dtype) * (lamb_ / n)
+        grad_lamb = (v - dc).mul_(grad_v).sum(dim=(0, 1, 3)) / (1. + lamb)
+        grad_v = torch.addcmul(-grad_dc, grad_v, 1. + lamb_).to(grad.dtype).flatten(0, -3).flatten(-2)
+        grad_qk, z2, w = grad.flatten(0, -2)[:, :k], z.flatten(0, -2), weight.to(grad.dtype)
+        grad_z = torch.mm(grad_qk, w[:k]).addmm_(grad_v, w[k:]).view_as(z)
+        grad_w = torch.empty(weight.shape, dtype=grad.dtype, device=grad.device)
+        torch.mm(grad_qk.t(), z2, out=grad_w[:k])
+        torch.mm(grad_v.t(), z2, out=grad_w[k:])
+        grad_b = None if bias is None else torch.cat([grad_qk.sum(0), grad_v.sum(0)]).to(bias.dtype)
+        return grad_z.to(z.dtype), grad_w.to(weight.dtype), grad_b, grad_lamb, None
 
 
-def attnscale_values_(v: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
-    """AttnScale for fused kernels, on the values v (B, H, N, d) before attention, in place; returns v.
-
-    A' v = A v' with v' = DC[v] + (1 + lamb) HF[v]: A_dc v = DC[v] in every row, and A DC[v] = DC[v]
-    since A is row-stochastic. Exact whenever no dropout acts on A. In place, v' replaces v in the qkv
-    output that the kernel saves anyway, so AttnScale keeps only DC[v] (B, H, 1, d) for backward.
-    v must not come from `unbind` (autograd forbids in-place ops there): pass qkv[2] before unbinding.
-    """
-    lamb = antioversmooth.as_gain(lamb, v).view(-1, 1, 1)
+def attnscale_qkv(z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lamb: torch.Tensor,
+                  num_heads: int) -> torch.Tensor:
+    """The qkv projection F.linear(z, weight, bias) (B, N, 3C) with AttnScale folded into its values, for a
+    fused attention kernel: attention over the returned q, k, v' gives A' v. Exact whenever no dropout acts on
+    A; with zero gains, the projection bit for bit. Keeps only DC[v] (B, 1, H, d) beyond what the projection
+    and the kernel keep."""
     if torch.jit.is_scripting() or torch.compiler.is_compiling():  # no custom Function there; same formula
-        return v.copy_(attnscale_fused(v.clone(), v, lamb))
-    return AttnScaleValues.apply(v, lamb)
+        qkv = F.linear(z, weight, bias)
+        v = qkv[..., 2 * qkv.shape[-1] // 3:].unflatten(-1, (num_heads, -1)).transpose(-2, -3)  # (B, H, N, d)
+        v.copy_(attnscale_fused(v.clone(), v, lamb))
+        return qkv
+    device = z.device.type
+    if z.dtype == torch.float32 and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        z = z.to(torch.get_autocast_dtype(device))  # the copy that autocast's linear would keep
+    return AttnScaleQKV.apply(z, weight, bias, antioversmooth.as_gain(lamb, z), num_heads)
 
 
 def attnscale_fused(out: torch.Tensor, v: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
@@ -58,7 +82,7 @@ def attnscale_fused(out: torch.Tensor, v: torch.Tensor, lamb: torch.Tensor) -> t
 
     out = A v (B, H, N, d) from a fused kernel, v (B, H, N, d). Exact, valid whenever no dropout is
     applied to A. Costs one (B, H, N, d) tensor for backward (the kernel keeps A v, the next layer A'v);
-    `attnscale_values_` does not.
+    `attnscale_qkv` does not.
     """
     lamb = antioversmooth.as_gain(lamb, out).view(-1, 1, 1)
     dc = v.mean(dim=-2, keepdim=True, dtype=lamb.dtype)

@@ -11,10 +11,11 @@ FeatScale acts once on the attention-branch output, before layer scale and drop 
 `antioversmooth.py` (its fused forms: `fused.py`); a subclass only decides where it acts. With zero
 gains every subclass computes what timm's module computes, bit for bit, on the same (fused or explicit)
 attention path. Where the attention runs fused (`scaled_dot_product_attention`), AttnScale stays fused
-through the exact identity A'v = A v' with v' = DC[v] + (1 + lamb) HF[v] (A's rows sum to one), applied
-to the values in place, so it keeps no extra tensor for backward; the explicit path shows each map to
-`attn_probe`, an identity whose forward hooks see it (diagnostics.py). In ViT and CaiT blocks FeatScale runs fused with the
-attention's output projection for the same reason (`FeatScaleProjection`).
+through the exact identity A'v = A v' with v' = DC[v] + (1 + lamb) HF[v] (A's rows sum to one); in ViT
+it is applied to the values inside the qkv projection (`attnscale_qkv`), so it keeps no extra tensor for
+backward. The explicit path shows each map to `attn_probe`, an identity whose forward hooks see it
+(diagnostics.py). In ViT and CaiT blocks FeatScale runs fused with the attention's output projection
+for the same reason (`FeatScaleProjection`).
 """
 from typing import Optional
 
@@ -27,7 +28,7 @@ from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, 
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from .antioversmooth import attnscale, featscale
-from .fused import attnscale_fused, attnscale_values_, featscale_linear
+from .fused import attnscale_fused, attnscale_qkv, featscale_linear
 from .checkpoint import ADDON_KEY
 
 ADDONS = ('attnscale', 'featscale')
@@ -45,11 +46,12 @@ class ViTAttention(Attention):
         """The attention's output before its projection `proj`: heads mixed, normed and gated."""
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         fused = self.fused_attn and (self.lamb is None or self.attn_drop.p == 0. or not self.training)
-        if fused and self.lamb is not None:
-            attnscale_values_(qkv[2], self.lamb)  # A'v = A v', v' in place of v
-        q, k, v = qkv.unbind(0)
+        if fused and self.lamb is not None:  # A'v = A v': v' in place of v in the projection's output
+            qkv = attnscale_qkv(x, self.qkv.weight, self.qkv.bias, self.lamb, self.num_heads)
+        else:
+            qkv = self.qkv(x)
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if fused:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,

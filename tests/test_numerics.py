@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import models
 from models import antioversmooth
 from models.antioversmooth import attnscale, featscale
-from models.fused import attnscale_fused, attnscale_values_, featscale_linear
+from models.fused import attnscale_fused, attnscale_qkv, featscale_linear
 from test_models import _official_cait_block as official_cait_block  # the released blocks, written out
 from test_models import _official_deit_block as official_deit_block
 
@@ -108,14 +108,16 @@ def test_lambda_gradients_of_each_function_in_low_precision(dtype):
     v, out, y = _dc_heavy((4, 3, 50, 16), dtype), _dc_heavy((4, 3, 50, 16), dtype), _dc_heavy((4, 50, 48), dtype)
     attn = torch.rand(4, 3, 50, 50).softmax(-1).to(dtype)
 
-    def scaled_values(v, lamb):  # on a view of a non-leaf, as in the attention: qkv[2]
-        return attnscale_values_(torch.stack([v, v, v * 1.])[2], lamb)
+    def scaled_values(v, lamb):  # v' = the values of the projection of tokens z = v with weight [0; 0; I]
+        z = v.transpose(1, 2).flatten(-2)
+        qkv = attnscale_qkv(z, torch.cat([torch.zeros(96, 48), torch.eye(48)]).to(z.dtype), None, lamb, 3)
+        return qkv[..., 96:].unflatten(-1, (3, 16)).transpose(1, 2)
 
-    cases = {'attnscale_values_': (scaled_values, v, 3), 'attnscale_fused': (lambda o, lamb: attnscale_fused(
+    cases = {'attnscale_qkv': (scaled_values, v, 3), 'attnscale_fused': (lambda o, lamb: attnscale_fused(
         o, v.to(o.dtype), lamb), out, 3), 'attnscale': (attnscale, attn, 3),
         'featscale': (lambda t, lamb: featscale(t, lamb[:48], lamb[48:], 2.), y, 96)}
     for name, (fn, x, n) in cases.items():
-        tolerance = 2e-3 if name == 'attnscale_values_' else 1e-5  # the former reads v' back, as attention does
+        tolerance = 2e-3 if name == 'attnscale_qkv' else 1e-5  # the former reads v' back, as attention does
         grads = {}
         for prec in (dtype, torch.float64):
             lamb = torch.full((n,), 1e-3, dtype=torch.float32 if prec != torch.float64 else prec, requires_grad=True)
@@ -160,6 +162,29 @@ def test_featscale_fused_with_the_projection_matches_the_plain_block(name, monke
         assert not model.blocks[1].featscale_fused()
 
 
+def _graph_nodes(tensor) -> set:
+    """Names of the autograd nodes behind `tensor`."""
+    names, stack, seen = set(), [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize('name', ['deit_tiny_12', 'attnscale_tiny_12', 'featscale_tiny_12'])
+def test_fused_addons_add_no_copy_to_the_backward_graph(name):
+    """The fused add-ons replace the projections' own backward nodes: no in-place op on a view (CopySlices,
+    which copies the whole qkv gradient in backward), and each projection is one node."""
+    nodes = _graph_nodes(build(name)(torch.randn(2, 3, 32, 32)))
+    assert 'CopySlices' not in nodes
+    assert ('AttnScaleQKVBackward' in nodes) == ('attnscale' in name)
+    assert ('FeatScaleLinearBackward' in nodes) == ('featscale' in name)
+
+
 @pytest.mark.parametrize('dtype', LOW, ids=str)
 @pytest.mark.parametrize('fused', [True, False])
 @pytest.mark.parametrize('name', ['attnscale_tiny_12', 'featscale_tiny_12'])
@@ -175,21 +200,17 @@ def test_zero_gains_are_bit_identical_under_autocast(name, fused, dtype, grad):
 
 
 def test_function_gradients_in_float64():
-    """AttnScale's hand-written backward (in place on a view of a non-leaf) and FeatScale's, against finite
-    differences."""
-    def values(qkv, lamb):
-        qkv = qkv * 1.
-        attnscale_values_(qkv[2], lamb)
-        return qkv
-
-    qkv = torch.randn(3, 2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    """The hand-written backwards of AttnScale in the qkv projection and of FeatScale with the output
+    projection, against finite differences (with and without bias)."""
+    z, qkv_weight, qkv_bias = (torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+                               for shape in ((2, 5, 4), (18, 4), (18,)))
     lamb = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(values, (qkv, lamb))
+    assert torch.autograd.gradcheck(lambda *t: attnscale_qkv(*t, 3), (z, qkv_weight, qkv_bias, lamb))
+    assert torch.autograd.gradcheck(lambda z, w, a: attnscale_qkv(z, w, None, a, 3), (z, qkv_weight, lamb))
     y = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
     lamb1, lamb2 = (torch.randn(6, dtype=torch.float64, requires_grad=True) for _ in range(2))
     assert torch.autograd.gradcheck(lambda y, a, b: featscale(y, a, b, 2.), (y, lamb1, lamb2))
-    z, weight, bias = (torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-                       for shape in ((2, 5, 4), (6, 4), (6,)))
+    weight, bias = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((6, 4), (6,)))
     assert torch.autograd.gradcheck(lambda *t: featscale_linear(*t, 2.), (z, weight, bias, lamb1, lamb2))
     assert torch.autograd.gradcheck(lambda z, w, a, b: featscale_linear(z, w, None, a, b), (z, weight, lamb1, lamb2))
 
@@ -222,22 +243,24 @@ def test_values_form_equals_the_explicit_map():
     A = torch.rand(2, 3, 7, 7, dtype=torch.float64).softmax(-1)
     v, lamb = torch.randn(2, 3, 7, 4, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
     expected = attnscale(A, lamb) @ v
-    torch.testing.assert_close(A @ attnscale_values_(v.clone(), lamb), expected, rtol=1e-12, atol=1e-12)
+    z, weight = torch.randn(2, 7, 5, dtype=torch.float64), torch.randn(36, 5, dtype=torch.float64)
+    v_scaled = attnscale_qkv(z, weight, None, lamb, 3).unflatten(-1, (3, 3, 4)).permute(2, 0, 3, 1, 4)[2]
+    v_plain = F.linear(z, weight).unflatten(-1, (3, 3, 4)).permute(2, 0, 3, 1, 4)[2]
+    torch.testing.assert_close(A @ v_scaled, attnscale(A, lamb) @ v_plain, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(attnscale_fused(A @ v, v, lamb), expected, rtol=1e-12, atol=1e-12)
 
 
 def _addon_block_inputs():
     torch.manual_seed(0)
-    qkv = torch.randn(2, 9, 3, 3, 8, requires_grad=True)
+    x, qkv_weight = torch.randn(2, 9, 24, requires_grad=True), (torch.randn(72, 24) / 24 ** 0.5).requires_grad_()
     lamb, lamb1, lamb2, bias = (torch.randn(n, requires_grad=True) for n in (3, 24, 24, 24))
-    return qkv, lamb, lamb1, lamb2, (torch.randn(24, 24) / 24 ** 0.5).requires_grad_(), bias
+    return x, qkv_weight, lamb, lamb1, lamb2, (torch.randn(24, 24) / 24 ** 0.5).requires_grad_(), bias
 
 
-def _addon_block(qkv, lamb, lamb1, lamb2, weight, bias):
-    """Both add-ons as the fused attention path and the projection use them."""
-    qkv = (qkv * 1.).permute(2, 0, 3, 1, 4)
-    attnscale_values_(qkv[2], lamb)
-    q, k, v = qkv.unbind(0)
+def _addon_block(x, qkv_weight, lamb, lamb1, lamb2, weight, bias):
+    """Both add-ons as the fused attention path and the projections use them."""
+    qkv = attnscale_qkv(x, qkv_weight, bias.repeat(3), lamb, 3)
+    q, k, v = qkv.unflatten(-1, (3, 3, 8)).permute(2, 0, 3, 1, 4).unbind(0)
     z = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 9, 24)
     return featscale_linear(z, weight, bias, lamb1, lamb2, 2.)
 
@@ -266,7 +289,8 @@ def test_zero_gains_leave_the_input_untouched_in_every_dtype():
     for dtype in (torch.float32, *LOW):
         x = torch.randn(2, 3, 5, 4).to(dtype)
         zero = torch.zeros(3)
-        assert torch.equal(attnscale_values_(x.clone(), zero), x)
+        z, weight = torch.randn(2, 5, 8).to(dtype), torch.randn(36, 8).to(dtype)
+        assert torch.equal(attnscale_qkv(z, weight, weight[:, 0], zero, 3), F.linear(z, weight, weight[:, 0]))
         assert torch.equal(attnscale_fused(x, x.flip(2), zero), x)
         assert torch.equal(attnscale(x, zero), x)
         assert torch.equal(featscale(x[0], torch.zeros(4), torch.zeros(4), 2.), x[0])
