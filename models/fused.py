@@ -2,7 +2,9 @@
 
 The formulas are those of `antioversmooth.py`, rearranged:
 - `attnscale_qkv`: AttnScale through a fused attention kernel, on the values, in the qkv projection (A'v = A v');
-- `attnscale_fused`: the same after the kernel, A'v = (1 + lamb) A v - lamb DC[v] (costs one tensor);
+- `attnscale_tokens`: the same after a kernel that keeps no A v, A'v = (1 + lamb) A v - lamb DC[v], as tokens;
+- `attnscale_fused`: that formula in plain autograd (costs one tensor where the kernel keeps A v);
+- `attnscale_map`: AttnScale on an explicit map, keeping only its output;
 - `featscale_linear`: FeatScale together with the projection that produces y (y itself is not kept).
 Each is exact (the same outputs; gradients to rounding). Under TorchScript and torch.compile, where the
 custom autograd Functions below do not run, the same formulas run through plain autograd.
@@ -77,12 +79,79 @@ def attnscale_qkv(z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return AttnScaleQKV.apply(z, weight, bias, antioversmooth.as_gain(lamb, z), num_heads)
 
 
+class AttnScaleTokens(torch.autograd.Function):
+    """A'v = (1 + lamb) A v - lamb DC[v] from a kernel's output out = A v (B, H, N, d), written as tokens
+    (B, N, H d), the layout the output projection takes (which then keeps this output as its input).
+
+    Backward keeps only that output and DC[v]: d(A'v)/d(lamb) = A v - DC[v] = (A'v - DC[v]) / (1 + lamb).
+    """
+
+    @staticmethod
+    def forward(ctx, out, v, lamb):
+        B, H, N, d = out.shape
+        lamb_ = lamb.view(-1, 1, 1)
+        dc = v.mean(dim=-2, keepdim=True, dtype=lamb.dtype)
+        tokens = torch.empty(B, N, H, d, dtype=out.dtype, device=out.device)
+        torch.addcmul(-lamb_ * dc, out, 1. + lamb_, out=tokens.transpose(1, 2))
+        tokens = tokens.flatten(-2)
+        ctx.save_for_backward(tokens, dc, lamb)
+        return tokens
+
+    @staticmethod
+    def backward(ctx, grad):
+        tokens, dc, lamb = ctx.saved_tensors
+        lamb_, per_head = lamb.view(-1, 1, 1), (lamb.numel(), -1)
+        grad, tokens = grad.unflatten(-1, per_head).transpose(1, 2), tokens.unflatten(-1, per_head).transpose(1, 2)
+        grad_out = (grad * (1. + lamb_)).to(grad.dtype)
+        grad_v = grad.sum(dim=-2, keepdim=True, dtype=lamb.dtype) * (-lamb_ / grad.shape[-2])
+        grad_lamb = (tokens - dc).mul_(grad).sum(dim=(0, 2, 3)) / (1. + lamb)
+        return grad_out, grad_v.to(grad.dtype).expand_as(grad), grad_lamb
+
+
+def attnscale_tokens(out: torch.Tensor, v: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
+    """AttnScale after a fused kernel, as tokens: attnscale_fused(out, v, lamb).transpose(1, 2) flattened to
+    (B, N, C). For kernels that do not keep A v (a masked one that falls back to plain matrix products):
+    keeps only DC[v] beyond the output, which the projection keeps anyway."""
+    if torch.jit.is_scripting() or torch.compiler.is_compiling():  # no custom Function there; same formula
+        return attnscale_fused(out, v, lamb).transpose(1, 2).flatten(-2)
+    return AttnScaleTokens.apply(out, v, antioversmooth.as_gain(lamb, out))
+
+
+class AttnScaleMap(torch.autograd.Function):
+    """attnscale(attn, lamb) on an explicit map, written contiguous so that the product A' v keeps this very
+    tensor, and keeping only it for backward: d(A')/d(lamb) = A - 1/N = (A' - 1/N) / (1 + lamb)."""
+
+    @staticmethod
+    def forward(ctx, attn, lamb):
+        lamb_ = lamb.view(-1, 1, 1)
+        scaled = torch.empty(attn.shape, dtype=attn.dtype, device=attn.device)
+        torch.sub(attn * (1. + lamb_), lamb_ / attn.shape[-1], out=scaled)  # antioversmooth.attnscale
+        ctx.save_for_backward(scaled, lamb)
+        return scaled
+
+    @staticmethod
+    def backward(ctx, grad):
+        scaled, lamb = ctx.saved_tensors
+        lamb_ = lamb.view(-1, 1, 1)
+        grad_attn = (grad * (1. + lamb_)).to(grad.dtype)
+        hf = scaled.to(lamb.dtype) - 1. / scaled.shape[-1]
+        return grad_attn, hf.mul_(grad).sum_to_size(lamb_.shape).view(-1) / (1. + lamb)
+
+
+def attnscale_map(attn: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
+    """attnscale(attn, lamb), bit for bit, keeping nothing for backward but its output: for maps that nothing
+    else keeps (CaiT's talking-heads mix, permuted; after a softmax, the softmax keeps its own output anyway)."""
+    if torch.jit.is_scripting() or torch.compiler.is_compiling():  # no custom Function there; same formula
+        return antioversmooth.attnscale(attn, lamb)
+    return AttnScaleMap.apply(attn, antioversmooth.as_gain(lamb, attn))
+
+
 def attnscale_fused(out: torch.Tensor, v: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
     """AttnScale applied after attention: A'v = (1 + lamb) (A v) - lamb DC[v].
 
     out = A v (B, H, N, d) from a fused kernel, v (B, H, N, d). Exact, valid whenever no dropout is
-    applied to A. Costs one (B, H, N, d) tensor for backward (the kernel keeps A v, the next layer A'v);
-    `attnscale_qkv` does not.
+    applied to A. Keeps A v for backward (one more tensor where the kernel keeps it too, as flash kernels do);
+    `attnscale_qkv` and `attnscale_tokens` keep nothing more than the kernel and the projection.
     """
     lamb = antioversmooth.as_gain(lamb, out).view(-1, 1, 1)
     dc = v.mean(dim=-2, keepdim=True, dtype=lamb.dtype)

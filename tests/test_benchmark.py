@@ -163,6 +163,34 @@ def test_saved_bytes_are_exact_and_addons_cost_only_token_means(amp):
     assert benchmark.saved_bytes(model, x, y, amp) == saved['deit_tiny_12']  # deterministic
 
 
+@pytest.mark.parametrize('amp', [torch.float32, torch.bfloat16], ids=str)
+def test_cait_attnscale_keeps_no_extra_map(amp):
+    """CaiT's AttnScale acts on the talking-heads mix of the map, which only the product with v keeps: the
+    scaled map takes its place, so the add-on keeps nothing more than the plain model."""
+    args = benchmark.get_args_parser().parse_args(['--batch-size', '2', '--img-size', '32', '--num-classes', '10',
+                                                   '--model-kwargs', 'depth=2', 'patch_size=8', '--device', 'cpu'])
+    x, y = benchmark.make_batch(args, torch.device('cpu'))
+    saved = [benchmark.saved_bytes(benchmark.build(name, args, torch.device('cpu'), 'float32')[0], x, y, amp)
+             for name in ('cait_XXS24_224', 'attnscale_cait_XXS24_224')]
+    assert saved[0] == saved[1] > 0
+
+
+def test_swin_attnscale_saved_bytes_are_token_means_on_the_fused_path():
+    """Swin's fused AttnScale (the correction after the masked kernel, written as the projection's input)
+    keeps one float32 window mean of v per window and head beyond plain Swin: B_ x H x d per attention."""
+    args = benchmark.get_args_parser().parse_args(['--batch-size', '2', '--img-size', '56', '--num-classes', '10',
+                                                   '--device', 'cpu'])
+    x, y = benchmark.make_batch(args, torch.device('cpu'))
+    saved, means = {}, []
+    for name in ('swin_tiny_patch4_window7_224', 'attnscale_swin_tiny_patch4_window7_224'):
+        model = benchmark.build(name, args, torch.device('cpu'), 'float32', attn_path='fused')[0]
+        saved[name] = benchmark.saved_bytes(model, x, y, torch.float32)
+    for attn in (m for m in model.modules() if isinstance(m, models.plugin.SwinWindowAttention)):
+        attn.register_forward_pre_hook(lambda m, args: means.append(args[0].shape[0] * m.qkv.out_features // 3 * 4))
+    model(x)
+    assert len(means) == 12 and saved[name] - saved['swin_tiny_patch4_window7_224'] == sum(means)
+
+
 def test_tensor_peak_counts_live_storage():
     with benchmark.TensorPeak() as tracker:
         a, b = torch.empty(1000), torch.empty(1000)  # 4000 bytes each, alive together

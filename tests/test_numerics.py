@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import models
 from models import antioversmooth
 from models.antioversmooth import attnscale, featscale
-from models.fused import attnscale_fused, attnscale_qkv, featscale_linear
+from models.fused import attnscale_fused, attnscale_map, attnscale_qkv, attnscale_tokens, featscale_linear
 from test_models import _official_cait_block as official_cait_block  # the released blocks, written out
 from test_models import _official_deit_block as official_deit_block
 
@@ -114,10 +114,12 @@ def test_lambda_gradients_of_each_function_in_low_precision(dtype):
         return qkv[..., 96:].unflatten(-1, (3, 16)).transpose(1, 2)
 
     cases = {'attnscale_qkv': (scaled_values, v, 3), 'attnscale_fused': (lambda o, lamb: attnscale_fused(
-        o, v.to(o.dtype), lamb), out, 3), 'attnscale': (attnscale, attn, 3),
+        o, v.to(o.dtype), lamb), out, 3), 'attnscale_tokens': (lambda o, lamb: attnscale_tokens(
+        o, v.to(o.dtype), lamb), out, 3), 'attnscale': (attnscale, attn, 3), 'attnscale_map': (attnscale_map, attn, 3),
         'featscale': (lambda t, lamb: featscale(t, lamb[:48], lamb[48:], 2.), y, 96)}
     for name, (fn, x, n) in cases.items():
-        tolerance = 2e-3 if name == 'attnscale_qkv' else 1e-5  # the former reads v' back, as attention does
+        reads_back = name in ('attnscale_qkv', 'attnscale_tokens', 'attnscale_map')  # HF from its rounded output
+        tolerance = 2e-3 if reads_back else 1e-5
         grads = {}
         for prec in (dtype, torch.float64):
             lamb = torch.full((n,), 1e-3, dtype=torch.float32 if prec != torch.float64 else prec, requires_grad=True)
@@ -175,13 +177,18 @@ def _graph_nodes(tensor) -> set:
     return names
 
 
-@pytest.mark.parametrize('name', ['deit_tiny_12', 'attnscale_tiny_12', 'featscale_tiny_12'])
+@pytest.mark.parametrize('name', ['deit_tiny_12', 'attnscale_tiny_12', 'featscale_tiny_12',
+                                  'attnscale_swin_tiny_patch4_window7_224'])
 def test_fused_addons_add_no_copy_to_the_backward_graph(name):
-    """The fused add-ons replace the projections' own backward nodes: no in-place op on a view (CopySlices,
-    which copies the whole qkv gradient in backward), and each projection is one node."""
-    nodes = _graph_nodes(build(name)(torch.randn(2, 3, 32, 32)))
+    """The fused add-ons run as their own autograd nodes: no in-place op on a view (CopySlices, which copies
+    the whole qkv gradient in backward); ViT's AttnScale in the qkv projection, Swin's after the kernel."""
+    swin = 'swin' in name
+    model = models.create_model(name, img_size=56) if swin else build(name)
+    models.set_fused_attn(model, True)
+    nodes = _graph_nodes(model(torch.randn(2, 3, 56 if swin else 32, 56 if swin else 32)))
     assert 'CopySlices' not in nodes
-    assert ('AttnScaleQKVBackward' in nodes) == ('attnscale' in name)
+    assert ('AttnScaleQKVBackward' in nodes) == ('attnscale' in name and not swin)
+    assert ('AttnScaleTokensBackward' in nodes) == swin
     assert ('FeatScaleLinearBackward' in nodes) == ('featscale' in name)
 
 
@@ -207,6 +214,9 @@ def test_function_gradients_in_float64():
     lamb = torch.randn(3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *t: attnscale_qkv(*t, 3), (z, qkv_weight, qkv_bias, lamb))
     assert torch.autograd.gradcheck(lambda z, w, a: attnscale_qkv(z, w, None, a, 3), (z, qkv_weight, lamb))
+    out, v = (torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(attnscale_tokens, (out, v, lamb))
+    assert torch.autograd.gradcheck(attnscale_map, (torch.rand(2, 3, 5, 5, dtype=torch.float64).requires_grad_(), lamb))
     y = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
     lamb1, lamb2 = (torch.randn(6, dtype=torch.float64, requires_grad=True) for _ in range(2))
     assert torch.autograd.gradcheck(lambda y, a, b: featscale(y, a, b, 2.), (y, lamb1, lamb2))
@@ -236,6 +246,34 @@ def test_featscale_linear_is_featscale_of_the_projection(dtype):
     exact = featscale(F.linear(*(t.double() for t in inputs[:3])), lamb1.double(), lamb2.double(), 2.)
     for a, b, ref in zip(*(torch.autograd.grad(out, inputs, upstream.to(out.dtype)) for out in (fused, plain, exact))):
         assert rel_err(a.double(), ref) <= 1.1 * rel_err(b.double(), ref) + 1e-7  # no less accurate
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, *LOW], ids=str)
+def test_attnscale_tokens_is_the_correction_after_the_kernel_as_tokens(dtype):
+    """attnscale_tokens gives attnscale_fused's numbers, bit for bit, in the (B, N, C) layout the projection
+    takes, and keeps for backward only that output (which the projection keeps) and float32 DC[v]."""
+    torch.manual_seed(0)
+    out, v = (torch.randn(2, 3, 5, 4).to(dtype).requires_grad_() for _ in range(2))
+    lamb, saved = torch.randn(3).mul(0.3).requires_grad_(), []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        tokens = attnscale_tokens(out, v, lamb)
+    assert tokens.shape == (2, 5, 12) and tokens.is_contiguous()
+    assert torch.equal(tokens, attnscale_fused(out, v, lamb).transpose(1, 2).reshape(2, 5, 12))
+    kept = [t for t in saved if t is not lamb]
+    assert [(tuple(t.shape), t.dtype) for t in kept] == [((2, 5, 12), dtype), ((2, 3, 1, 4), torch.float32)]
+    assert kept[0].untyped_storage().data_ptr() == tokens.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, *LOW], ids=str)
+def test_attnscale_map_keeps_only_its_output(dtype):
+    """attnscale_map gives attnscale's numbers, bit for bit, and keeps for backward only its output."""
+    torch.manual_seed(0)
+    attn, lamb, saved = torch.rand(2, 3, 5, 5).to(dtype).requires_grad_(), torch.randn(3).requires_grad_(), []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        scaled = attnscale_map(attn, lamb)
+    assert torch.equal(scaled, attnscale(attn, lamb))
+    kept = [t for t in saved if t is not lamb and t.numel() > 3]
+    assert len(kept) == 1 and kept[0].untyped_storage().data_ptr() == scaled.untyped_storage().data_ptr()
 
 
 def test_values_form_equals_the_explicit_map():
@@ -292,5 +330,7 @@ def test_zero_gains_leave_the_input_untouched_in_every_dtype():
         z, weight = torch.randn(2, 5, 8).to(dtype), torch.randn(36, 8).to(dtype)
         assert torch.equal(attnscale_qkv(z, weight, weight[:, 0], zero, 3), F.linear(z, weight, weight[:, 0]))
         assert torch.equal(attnscale_fused(x, x.flip(2), zero), x)
+        assert torch.equal(attnscale_tokens(x, x.flip(2), zero), x.transpose(1, 2).flatten(-2))
         assert torch.equal(attnscale(x, zero), x)
+        assert torch.equal(attnscale_map(x, zero), x)
         assert torch.equal(featscale(x[0], torch.zeros(4), torch.zeros(4), 2.), x[0])
