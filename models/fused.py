@@ -4,7 +4,8 @@ The formulas are those of `antioversmooth.py`, rearranged:
 - `attnscale_qkv`: AttnScale through a fused attention kernel, on the values, in the qkv projection (A'v = A v');
 - `attnscale_tokens`: the same after a kernel that keeps no A v, A'v = (1 + lamb) A v - lamb DC[v], as tokens;
 - `attnscale_fused`: that formula in plain autograd (costs one tensor where the kernel keeps A v);
-- `attnscale_map`: AttnScale on an explicit map, keeping only its output;
+- `attnscale_map`, `attnscale_softmax`: AttnScale on an explicit map (or on the softmax that forms it), keeping
+  only its output;
 - `featscale_linear`: FeatScale together with the projection that produces y (y itself is not kept).
 Each is exact (the same outputs; gradients to rounding). Under TorchScript and torch.compile, where the
 custom autograd Functions below do not run, the same formulas run through plain autograd.
@@ -144,6 +145,37 @@ def attnscale_map(attn: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
     if torch.jit.is_scripting() or torch.compiler.is_compiling():  # no custom Function there; same formula
         return antioversmooth.attnscale(attn, lamb)
     return AttnScaleMap.apply(attn, antioversmooth.as_gain(lamb, attn))
+
+
+class AttnScaleSoftmax(torch.autograd.Function):
+    """attnscale(softmax(logits), lamb), keeping only its output A' for backward (the product A' v keeps it
+    anyway) where the two apart keep A as well: A - 1/N = (A' - 1/N) / (1 + lamb) gives d(A')/d(lamb) and,
+    with A, the softmax's gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, lamb):
+        scaled = antioversmooth.attnscale(logits.softmax(dim=-1), lamb)
+        ctx.save_for_backward(scaled, lamb)
+        return scaled
+
+    @staticmethod
+    def backward(ctx, grad):
+        scaled, lamb = ctx.saved_tensors
+        lamb_, n = lamb.view(-1, 1, 1), scaled.shape[-1]
+        hf = (scaled - 1. / n).div_(1. + lamb_)  # A - 1/N
+        grad_lamb = (hf * grad).sum_to_size(lamb_.shape).view(-1)
+        attn, grad_attn = hf.add_(1. / n), grad * (1. + lamb_)
+        return attn * (grad_attn - (grad_attn * attn).sum(dim=-1, keepdim=True)), grad_lamb
+
+
+def attnscale_softmax(logits: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
+    """attnscale(logits.softmax(-1), lamb), bit for bit: the explicit attention path's AttnScale at the memory
+    of the plain path. float32 and float64 logits run as one step that keeps only the scaled map; float16 and
+    bfloat16 ones run apart (there A' would be a second rounding of A; and where autocast takes the softmax
+    to float32, the product with v keeps its low-precision copy of A', not A', so the two apart keep no more)."""
+    if torch.jit.is_scripting() or torch.compiler.is_compiling() or logits.element_size() < 4:
+        return antioversmooth.attnscale(logits.softmax(dim=-1), lamb)
+    return AttnScaleSoftmax.apply(logits, antioversmooth.as_gain(lamb, logits))
 
 
 def attnscale_fused(out: torch.Tensor, v: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,8 @@ from timm.models.cait import Cait, LayerScaleBlock, TalkingHeadAttn
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .antioversmooth import attnscale, featscale
-from .fused import attnscale_map, attnscale_qkv, attnscale_tokens, featscale_linear
+from .antioversmooth import featscale
+from .fused import attnscale_map, attnscale_qkv, attnscale_softmax, attnscale_tokens, featscale_linear
 from .checkpoint import ADDON_KEY
 
 ADDONS = ('attnscale', 'featscale')
@@ -58,9 +58,8 @@ class ViTAttention(Attention):
                                                dropout_p=self.attn_drop.p if self.training else 0.)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
-            attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal)).softmax(dim=-1)
-            if self.lamb is not None:
-                attn = attnscale(attn, self.lamb)
+            attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
+            attn = attn.softmax(dim=-1) if self.lamb is None else attnscale_softmax(attn, self.lamb)
             x = self.attn_drop(self.attn_probe(attn)) @ v
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
         if gate is not None:
@@ -160,9 +159,7 @@ class SwinWindowAttention(WindowAttention):
                 num_win = mask.shape[0]
                 attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
                 attn = attn.view(-1, self.num_heads, N, N)
-            attn = self.softmax(attn)
-            if self.lamb is not None:
-                attn = attnscale(attn, self.lamb)
+            attn = self.softmax(attn) if self.lamb is None else attnscale_softmax(attn, self.lamb)
             x = (self.attn_drop(self.attn_probe(attn)) @ v).transpose(1, 2).reshape(B_, N, -1)
         return self.proj_drop(self.proj(x))
 

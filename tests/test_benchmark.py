@@ -163,15 +163,23 @@ def test_saved_bytes_are_exact_and_addons_cost_only_token_means(amp):
     assert benchmark.saved_bytes(model, x, y, amp) == saved['deit_tiny_12']  # deterministic
 
 
-@pytest.mark.parametrize('amp', [torch.float32, torch.bfloat16], ids=str)
-def test_cait_attnscale_keeps_no_extra_map(amp):
-    """CaiT's AttnScale acts on the talking-heads mix of the map, which only the product with v keeps: the
-    scaled map takes its place, so the add-on keeps nothing more than the plain model."""
-    args = benchmark.get_args_parser().parse_args(['--batch-size', '2', '--img-size', '32', '--num-classes', '10',
-                                                   '--model-kwargs', 'depth=2', 'patch_size=8', '--device', 'cpu'])
+TINY = ['--model-kwargs', 'depth=2', 'patch_size=8']
+EXPLICIT_MAPS = [('cait_XXS24_224', 32, TINY, torch.float32), ('cait_XXS24_224', 32, TINY, torch.bfloat16),
+                 ('deit_tiny_12', 32, TINY, torch.float32), ('swin_tiny_patch4_window7_224', 56, [], torch.float32)]
+
+
+@pytest.mark.parametrize('base,img_size,extra,amp', EXPLICIT_MAPS, ids=[f'{m[0]}-{m[3]}' for m in EXPLICIT_MAPS])
+def test_attnscale_on_explicit_maps_keeps_no_extra_map(base, img_size, extra, amp):
+    """On the explicit attention path the scaled map takes the place of the map the product with v keeps:
+    after the softmax (ViT, Swin) the two run as one step that keeps only A' (float32 maps; bfloat16 ones
+    run apart); after CaiT's talking-heads mix A' is written contiguous, as the product's own copy would be.
+    The add-on then keeps no byte more."""
+    args = benchmark.get_args_parser().parse_args(['--batch-size', '2', '--img-size', str(img_size),
+                                                   '--num-classes', '10', '--device', 'cpu', *extra])
     x, y = benchmark.make_batch(args, torch.device('cpu'))
-    saved = [benchmark.saved_bytes(benchmark.build(name, args, torch.device('cpu'), 'float32')[0], x, y, amp)
-             for name in ('cait_XXS24_224', 'attnscale_cait_XXS24_224')]
+    prefix = 'attnscale_' + ('tiny_12' if base == 'deit_tiny_12' else base)
+    saved = [benchmark.saved_bytes(benchmark.build(name, args, torch.device('cpu'), 'float32', 'explicit')[0],
+                                   x, y, amp) for name in (base, prefix)]
     assert saved[0] == saved[1] > 0
 
 

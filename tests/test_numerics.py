@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import models
 from models import antioversmooth
 from models.antioversmooth import attnscale, featscale
-from models.fused import attnscale_fused, attnscale_map, attnscale_qkv, attnscale_tokens, featscale_linear
+from models.fused import (attnscale_fused, attnscale_map, attnscale_qkv, attnscale_softmax, attnscale_tokens,
+                          featscale_linear)
 from test_models import _official_cait_block as official_cait_block  # the released blocks, written out
 from test_models import _official_deit_block as official_deit_block
 
@@ -118,7 +119,7 @@ def test_lambda_gradients_of_each_function_in_low_precision(dtype):
         o, v.to(o.dtype), lamb), out, 3), 'attnscale': (attnscale, attn, 3), 'attnscale_map': (attnscale_map, attn, 3),
         'featscale': (lambda t, lamb: featscale(t, lamb[:48], lamb[48:], 2.), y, 96)}
     for name, (fn, x, n) in cases.items():
-        reads_back = name in ('attnscale_qkv', 'attnscale_tokens', 'attnscale_map')  # HF from its rounded output
+        reads_back = name.startswith('attnscale_') and name != 'attnscale_fused'  # HF from its rounded output
         tolerance = 2e-3 if reads_back else 1e-5
         grads = {}
         for prec in (dtype, torch.float64):
@@ -216,7 +217,9 @@ def test_function_gradients_in_float64():
     assert torch.autograd.gradcheck(lambda z, w, a: attnscale_qkv(z, w, None, a, 3), (z, qkv_weight, lamb))
     out, v = (torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
     assert torch.autograd.gradcheck(attnscale_tokens, (out, v, lamb))
-    assert torch.autograd.gradcheck(attnscale_map, (torch.rand(2, 3, 5, 5, dtype=torch.float64).requires_grad_(), lamb))
+    logits = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(attnscale_map, (logits.softmax(-1).detach().requires_grad_(), lamb))
+    assert torch.autograd.gradcheck(attnscale_softmax, (logits, lamb))
     y = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
     lamb1, lamb2 = (torch.randn(6, dtype=torch.float64, requires_grad=True) for _ in range(2))
     assert torch.autograd.gradcheck(lambda y, a, b: featscale(y, a, b, 2.), (y, lamb1, lamb2))
@@ -265,15 +268,42 @@ def test_attnscale_tokens_is_the_correction_after_the_kernel_as_tokens(dtype):
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, *LOW], ids=str)
-def test_attnscale_map_keeps_only_its_output(dtype):
-    """attnscale_map gives attnscale's numbers, bit for bit, and keeps for backward only its output."""
+@pytest.mark.parametrize('name', ['attnscale_map', 'attnscale_softmax'])
+def test_attnscale_on_a_map_keeps_only_its_output(name, dtype):
+    """attnscale_map and attnscale_softmax give attnscale's numbers (of the map, of its softmax), bit for bit,
+    contiguous, and keep for backward only that output."""
     torch.manual_seed(0)
-    attn, lamb, saved = torch.rand(2, 3, 5, 5).to(dtype).requires_grad_(), torch.randn(3).requires_grad_(), []
+    x, lamb, saved = torch.rand(2, 3, 5, 5).to(dtype).transpose(-1, -2), torch.randn(3).requires_grad_(), []
+    fn, expected = (attnscale_map, attnscale(x, lamb)) if name == 'attnscale_map' else \
+        (attnscale_softmax, attnscale(x.softmax(-1), lamb))
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        scaled = attnscale_map(attn, lamb)
-    assert torch.equal(scaled, attnscale(attn, lamb))
+        scaled = fn(x.requires_grad_(), lamb)
+    assert torch.equal(scaled, expected) and scaled.is_contiguous()
     kept = [t for t in saved if t is not lamb and t.numel() > 3]
-    assert len(kept) == 1 and kept[0].untyped_storage().data_ptr() == scaled.untyped_storage().data_ptr()
+    if name == 'attnscale_softmax' and dtype in LOW:  # run apart there: the softmax keeps A
+        assert kept[0].untyped_storage().data_ptr() != scaled.untyped_storage().data_ptr()
+    else:
+        assert len(kept) == 1 and kept[0].untyped_storage().data_ptr() == scaled.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, *LOW], ids=str)
+def test_attnscale_softmax_gradients_are_as_accurate_as_the_two_apart(dtype):
+    """Against float64, dL/dlamb and dL/dlogits of attnscale_softmax are as accurate as those of softmax then
+    attnscale (in float32 it recovers A from A'; in float16/bfloat16 it runs them apart)."""
+    torch.manual_seed(0)
+    logits, upstream = torch.randn(4, 3, 50, 50).to(dtype), torch.randn(4, 3, 50, 50).to(dtype)
+    errors = {}
+    for name, fn in (('fused', attnscale_softmax), ('apart', lambda t, lamb: attnscale(t.softmax(-1), lamb))):
+        grads = {}
+        for prec in (dtype, torch.float64):
+            lamb = torch.full((3,), 1e-3, dtype=torch.float64 if prec == torch.float64 else torch.float32,
+                              requires_grad=True)
+            x = logits.to(prec).clone().requires_grad_()
+            fn(x, lamb).backward(upstream.to(prec))
+            grads[prec] = (lamb.grad.double(), x.grad.double())
+        errors[name] = [rel_err(a, ref) for a, ref in zip(grads[dtype], grads[torch.float64])]
+    for fused, apart in zip(errors['fused'], errors['apart']):
+        assert fused <= 1.1 * apart + 1e-6
 
 
 def test_values_form_equals_the_explicit_map():
@@ -333,4 +363,5 @@ def test_zero_gains_leave_the_input_untouched_in_every_dtype():
         assert torch.equal(attnscale_tokens(x, x.flip(2), zero), x.transpose(1, 2).flatten(-2))
         assert torch.equal(attnscale(x, zero), x)
         assert torch.equal(attnscale_map(x, zero), x)
+        assert torch.equal(attnscale_softmax(x, zero), x.softmax(-1))
         assert torch.equal(featscale(x[0], torch.zeros(4), torch.zeros(4), 2.), x[0])
