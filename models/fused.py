@@ -10,6 +10,7 @@ The formulas are those of `antioversmooth.py`, rearranged:
 Each is exact (the same outputs; gradients to rounding). Under TorchScript and torch.compile, where the
 custom autograd Functions below do not run, the same formulas run through plain autograd.
 """
+import contextlib
 from typing import Optional
 
 import torch
@@ -17,6 +18,13 @@ import torch.nn.functional as F
 
 from . import antioversmooth
 from .antioversmooth import featscale
+
+
+def autocast_off(device_type: str):
+    """Autocast disabled, for hand-written backwards that cast for themselves (a no-op where the device has none)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class AttnScaleQKV(torch.autograd.Function):
@@ -42,9 +50,7 @@ class AttnScaleQKV(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if not torch.amp.is_autocast_available(grad.device.type):
-            return AttnScaleQKV._backward(ctx.num_heads, grad, *ctx.saved_tensors)
-        with torch.autocast(grad.device.type, enabled=False):
+        with autocast_off(grad.device.type):
             return AttnScaleQKV._backward(ctx.num_heads, grad, *ctx.saved_tensors)
 
     @staticmethod
@@ -208,9 +214,7 @@ class FeatScaleLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if not torch.amp.is_autocast_available(grad.device.type):
-            return FeatScaleLinear._backward(ctx.repeat, grad, *ctx.saved_tensors)
-        with torch.autocast(grad.device.type, enabled=False):
+        with autocast_off(grad.device.type):
             return FeatScaleLinear._backward(ctx.repeat, grad, *ctx.saved_tensors)
 
     @staticmethod
