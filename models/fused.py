@@ -7,8 +7,10 @@ The formulas are those of `antioversmooth.py`, rearranged:
 - `attnscale_map`, `attnscale_softmax`: AttnScale on an explicit map (or on the softmax that forms it), keeping
   only its output;
 - `featscale_linear`: FeatScale together with the projection that produces y (y itself is not kept).
-Each is exact (the same outputs; gradients to rounding). Under TorchScript and torch.compile, where the
-custom autograd Functions below do not run, the same formulas run through plain autograd.
+Each is exact: the same numbers to rounding (with zero gains, the plain operation's bit for bit). The two
+with a projection form DC and the gains' gradients from the projection's input and its weight gradient's
+product, not from a pass over their output. Under TorchScript and torch.compile, where the custom autograd
+Functions below do not run, the same formulas run through plain autograd.
 """
 import contextlib
 from typing import Optional
@@ -27,62 +29,94 @@ def autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
+def autocast_input(z: torch.Tensor) -> torch.Tensor:
+    """z in the autocast dtype where autocast is on: the copy autocast's linear would keep, kept by the
+    Functions below instead (which run their projection inside and keep its input for backward)."""
+    device = z.device.type
+    if z.dtype == torch.float32 and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return z.to(torch.get_autocast_dtype(device))
+    return z
+
+
+def input_mean(z, weight, bias, dtype):
+    """(DC[z] (B, 1, K), DC[z W^T + b] = DC[z] W^T + b (B, 1, C)) in `dtype`: the token mean of a projection
+    from that of its input, without a pass over its output."""
+    with autocast_off(z.device.type):
+        dc_z = z.sum(dim=-2, keepdim=True, dtype=dtype) / z.shape[-2]
+        dc = dc_z @ weight.to(z.dtype).to(dtype).t()
+        return dc_z, dc if bias is None else dc.add_(bias.to(z.dtype))
+
+
+def split_products(grad, z, dc_z, dtype):
+    """sum_n g (B, C), and the projection's weight gradient g^T z (over all tokens) split into g^T DC[z] and
+    g^T HF[z] (C x K), in `dtype`. float32 and wider activations form the HF part by subtraction, with no
+    pass beyond the weight gradient's own product; float16/bfloat16 ones from HF[z] itself, so that rounding
+    a DC-dominated g^T z does not take the HF part's digits with it."""
+    grad_sum = grad.sum(dim=-2, dtype=dtype).flatten(0, -2)
+    g_dc = grad_sum.t() @ dc_z.flatten(0, -2)
+    low = grad.element_size() < 4
+    g_z = torch.mm(grad.flatten(0, -2).t(), ((z - dc_z).to(z.dtype) if low else z).flatten(0, -2)).to(dtype)
+    return grad_sum, g_dc, g_z if low else g_z.sub_(g_dc)
+
+
 class AttnScaleQKV(torch.autograd.Function):
     """qkv = z W^T + b with AttnScale applied to its values v (the last third), in place: v <- v'.
 
     A' v = A v' with v' = DC[v] + (1 + lamb) HF[v] per head (A_dc v = DC[v] in every row, A DC[v] = DC[v]
     for row-stochastic A). Running the projection here makes qkv this Function's own output, so the
-    in-place rescale costs autograd no copy of qkv's gradient, as it would on a view of it. Backward keeps
-    z and qkv (the projection and the attention kernel keep them anyway), DC[v] and the parameters; HF[v] is
-    HF[v'] / (1 + lamb), so 1 + lamb must not vanish (lamb = -1 would make A' = A_dc).
+    in-place rescale costs autograd no copy of qkv's gradient, as it would on a view of it. Everything is
+    formed from the projection's input z, which it keeps anyway: DC[v] = DC[z] W_v^T + b_v, and in backward
+    d(loss)/d(lamb) = sum g . HF[v] = sum over each head's rows of W_v . (g^T HF[z]), from the weight
+    gradient's own product; the only passes beyond the projection's are DC[z], the rescale, sum_n g and
+    the DC[g] term of z's gradient.
     """
 
     @staticmethod
     def forward(ctx, z, weight, bias, lamb, num_heads):
         qkv = F.linear(z, weight, bias)
-        v = qkv[..., 2 * qkv.shape[-1] // 3:].unflatten(-1, (num_heads, -1))  # (B, N, H, d), in qkv
+        k = 2 * qkv.shape[-1] // 3
+        dc_z, dc = input_mean(z, weight[k:], None if bias is None else bias[k:], lamb.dtype)
         lamb_ = lamb.view(-1, 1)
-        dc = v.mean(dim=-3, keepdim=True, dtype=lamb.dtype)
-        torch.addcmul(-lamb_ * dc, v, 1. + lamb_, out=v)
-        ctx.num_heads = num_heads
-        ctx.save_for_backward(z, weight, bias, lamb, dc, qkv)
+        v = qkv[..., k:].unflatten(-1, (num_heads, -1))  # (B, N, H, d), in qkv
+        torch.addcmul(-lamb_ * dc.unflatten(-1, (num_heads, -1)), v, 1. + lamb_, out=v)
+        ctx.save_for_backward(z, weight, lamb, dc_z)
         return qkv
 
     @staticmethod
     def backward(ctx, grad):
         with autocast_off(grad.device.type):
-            return AttnScaleQKV._backward(ctx.num_heads, grad, *ctx.saved_tensors)
+            return *AttnScaleQKV._backward(ctx.needs_input_grad[2], grad, *ctx.saved_tensors), None
 
     @staticmethod
-    def _backward(num_heads, grad, z, weight, bias, lamb, dc, qkv):
-        k, n, lamb_ = 2 * qkv.shape[-1] // 3, grad.shape[-2], lamb.view(-1, 1)
-        v, grad_v = (t[..., k:].unflatten(-1, (num_heads, -1)) for t in (qkv, grad))
-        grad_dc = grad_v.sum(dim=-3, keepdim=True, dtype=lamb.dtype) * (lamb_ / n)
-        grad_lamb = (v - dc).mul_(grad_v).sum(dim=(0, 1, 3)) / (1. + lamb)
-        grad_v = torch.addcmul(-grad_dc, grad_v, 1. + lamb_).to(grad.dtype).flatten(0, -3).flatten(-2)
-        grad_qk, z2, w = grad.flatten(0, -2)[:, :k], z.flatten(0, -2), weight.to(grad.dtype)
-        grad_z = torch.mm(grad_qk, w[:k]).addmm_(grad_v, w[k:]).view_as(z)
+    def _backward(bias_needs_grad, grad, z, weight, lamb, dc_z):
+        k, n = 2 * grad.shape[-1] // 3, grad.shape[-2]
+        lamb_c = lamb.repeat_interleave((grad.shape[-1] - k) // lamb.numel())  # per value channel
+        grad_sum, g_dc, g_hf = split_products(grad[..., k:], z, dc_z, lamb.dtype)
+        w, w_v = weight.to(grad.dtype), weight[k:].to(lamb.dtype)
+        w_scaled = torch.cat([w[:k], (w_v * (1. + lamb_c[:, None])).to(grad.dtype)])
+        grad_z = torch.mm(grad.flatten(0, -2), w_scaled).view_as(z)
+        grad_z -= (grad_sum * (lamb_c / n) @ w_v).to(grad.dtype).unsqueeze(-2)  # d(-lamb DC[v])/dz
         grad_w = torch.empty(weight.shape, dtype=grad.dtype, device=grad.device)
-        torch.mm(grad_qk.t(), z2, out=grad_w[:k])
-        torch.mm(grad_v.t(), z2, out=grad_w[k:])
-        grad_b = None if bias is None else torch.cat([grad_qk.sum(0), grad_v.sum(0)]).to(bias.dtype)
-        return grad_z.to(z.dtype), grad_w.to(weight.dtype), grad_b, grad_lamb, None
+        torch.mm(grad.flatten(0, -2)[:, :k].t(), z.flatten(0, -2), out=grad_w[:k])
+        grad_w[k:] = g_hf * (1. + lamb_c[:, None]) + g_dc
+        grad_b = None if not bias_needs_grad else \
+            torch.cat([grad.flatten(0, -2)[:, :k].sum(0), grad_sum.sum(0).to(grad.dtype)])
+        grad_lamb = (g_hf * w_v).sum(-1).view(lamb.numel(), -1).sum(-1)
+        return grad_z.to(z.dtype), grad_w.to(weight.dtype), grad_b, grad_lamb
 
 
 def attnscale_qkv(z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lamb: torch.Tensor,
                   num_heads: int) -> torch.Tensor:
     """The qkv projection F.linear(z, weight, bias) (B, N, 3C) with AttnScale folded into its values, for a
     fused attention kernel: attention over the returned q, k, v' gives A' v. Exact whenever no dropout acts on
-    A; with zero gains, the projection bit for bit. Keeps only DC[v] (B, 1, H, d) beyond what the projection
+    A; with zero gains, the projection bit for bit. Keeps only DC[z] (B, 1, K) beyond what the projection
     and the kernel keep."""
     if torch.jit.is_scripting() or torch.compiler.is_compiling():  # no custom Function there; same formula
         qkv = F.linear(z, weight, bias)
         v = qkv[..., 2 * qkv.shape[-1] // 3:].unflatten(-1, (num_heads, -1)).transpose(-2, -3)  # (B, H, N, d)
         v.copy_(attnscale_fused(v.clone(), v, lamb))
         return qkv
-    device = z.device.type
-    if z.dtype == torch.float32 and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        z = z.to(torch.get_autocast_dtype(device))  # the copy that autocast's linear would keep
+    z = autocast_input(z)
     return AttnScaleQKV.apply(z, weight, bias, antioversmooth.as_gain(lamb, z), num_heads)
 
 
@@ -197,53 +231,50 @@ def attnscale_fused(out: torch.Tensor, v: torch.Tensor, lamb: torch.Tensor) -> t
 
 
 class FeatScaleLinear(torch.autograd.Function):
-    """FeatScale(z W^T + b): the projection y = z W^T + b and FeatScale on y in one step.
+    """FeatScale(z W^T + b): the projection y = z W^T + b and FeatScale on y in one step, in place on y.
 
-    Backward keeps z (which the projection keeps anyway), DC[y] and the parameters, not y: with
-    y' = a y + c DC[y] (a = 1 + s lamb2, c = s (lamb1 - lamb2)), sum_n g y = W . (g^T z) + b sum_n g,
-    and g^T z (C x K) costs what the projection's weight gradient costs, which follows from it.
+    Everything is formed from the projection's input z, which it keeps anyway: DC[y] = DC[z] W^T + b, and
+    with y' = a y + c DC[y] (a = 1 + s lamb2, c = s (lamb1 - lamb2)) the gains' gradients are sums over
+    tokens of g . HF[y] = W . (g^T HF[z]) and g . DC[y] = W . (g^T DC[z]) + b sum g, from the weight
+    gradient's own product. Backward keeps z, DC[z] and the parameters, not y.
     """
 
     @staticmethod
     def forward(ctx, z, weight, bias, lamb1, lamb2, repeat):
         y = F.linear(z, weight, bias)
-        out = featscale(y, lamb1, lamb2, repeat)
+        dc_z, dc = input_mean(z, weight, bias, lamb1.dtype)
+        torch.addcmul(repeat * (lamb1 - lamb2) * dc, y, 1. + repeat * lamb2, out=y)
         ctx.repeat = repeat
-        ctx.save_for_backward(z, weight, bias, lamb1, lamb2, y.mean(dim=-2, keepdim=True, dtype=lamb1.dtype))
-        return out
+        ctx.save_for_backward(z, weight, bias, lamb1, lamb2, dc_z)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
         with autocast_off(grad.device.type):
-            return FeatScaleLinear._backward(ctx.repeat, grad, *ctx.saved_tensors)
+            return *FeatScaleLinear._backward(ctx.repeat, grad, *ctx.saved_tensors), None
 
     @staticmethod
-    def _backward(s, grad, z, weight, bias, lamb1, lamb2, dc):
+    def _backward(s, grad, z, weight, bias, lamb1, lamb2, dc_z):
         a, c, n = 1. + s * lamb2, s * (lamb1 - lamb2), grad.shape[-2]
-        grad_sum = grad.sum(dim=-2, keepdim=True, dtype=a.dtype)  # (B, 1, C)
+        grad_sum, g_dc, g_hf = split_products(grad, z, dc_z, a.dtype)
         w = weight.to(a.dtype)
-        grad_z = grad @ (a[:, None] * w).to(grad.dtype)
-        grad_z += ((c / n) * grad_sum) @ w
-        gz = grad.flatten(0, -2).t() @ z.flatten(0, -2).to(grad.dtype)  # (C, K): g^T z
-        z_sum = z.sum(dim=-2, dtype=a.dtype).flatten(0, -2)  # (B, K)
-        grad_w = a[:, None] * gz.to(a.dtype) + (c / n)[:, None] * (grad_sum.flatten(0, -2).t() @ z_sum)
-        grad_total = grad_sum.flatten(0, -2).sum(0)
-        g_y = (gz.to(a.dtype) * w).sum(-1)  # sum over tokens of g * y ...
+        grad_z = torch.mm(grad.flatten(0, -2), (a[:, None] * w).to(grad.dtype)).view_as(z)
+        grad_z += (grad_sum * (c / n) @ w).to(grad.dtype).unsqueeze(-2)  # d(c DC[y])/dz
+        grad_w = a[:, None] * g_hf + (a + c)[:, None] * g_dc
+        grad_total, sum_g_dc = grad_sum.sum(0), (g_dc * w).sum(-1)
         if bias is not None:
-            g_y = g_y + grad_total * bias.to(a.dtype)  # ... with y's bias
+            sum_g_dc = sum_g_dc + grad_total * bias.to(a.dtype)
         grad_b = None if bias is None else ((a + c) * grad_total).to(bias.dtype)
-        g_dc = (grad_sum * dc).flatten(0, -2).sum(0)  # sum over tokens of g * DC[y]
-        return grad_z.to(z.dtype), grad_w.to(weight.dtype), grad_b, s * g_dc, s * (g_y - g_dc), None
+        sum_g_hf = (g_hf * w).sum(-1)
+        return grad_z.to(z.dtype), grad_w.to(weight.dtype), grad_b, s * sum_g_dc, s * sum_g_hf
 
 
 def featscale_linear(z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lamb1: torch.Tensor,
                      lamb2: torch.Tensor, repeat: float = 1.) -> torch.Tensor:
-    """featscale(F.linear(z, weight, bias), lamb1, lamb2, repeat), bit for bit, keeping for backward only what
-    the projection keeps (z) and a token mean: FeatScale on the projection that produces y (B, N, C)."""
+    """featscale(F.linear(z, weight, bias), lamb1, lamb2, repeat) (B, N, C), to rounding, keeping for backward
+    only what the projection keeps (z) and DC[z]: FeatScale on the projection that produces y."""
     if torch.jit.is_scripting() or torch.compiler.is_compiling():  # no custom Function there; same formula
         return featscale(F.linear(z, weight, bias), lamb1, lamb2, repeat)
-    device = z.device.type
-    if z.dtype == torch.float32 and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        z = z.to(torch.get_autocast_dtype(device))  # the copy that autocast's linear would keep
+    z = autocast_input(z)
     lamb1, lamb2 = antioversmooth.as_gain(lamb1, z), antioversmooth.as_gain(lamb2, z)
     return FeatScaleLinear.apply(z, weight, bias, lamb1, lamb2, repeat)

@@ -146,18 +146,18 @@ def test_explicit_attention_keeps_more_for_backward_than_fused():
 
 @pytest.mark.parametrize('amp', [torch.float32, torch.bfloat16], ids=str)
 def test_saved_bytes_are_exact_and_addons_cost_only_token_means(amp):
-    """Activations saved for backward, to the byte: AttnScale (in the qkv projection) adds one float32 token
-    mean of v per block (B x H x d), FeatScale (with the output projection) one float32 token mean of y
-    (B x C). Under autocast, each keeps its projection's float32 weight (a parameter, not counted) where the
+    """Activations saved for backward, to the byte: AttnScale (in the qkv projection) and FeatScale (with the
+    output projection) each add one float32 token mean of their projection's input per block (B x C). Under
+    autocast, each keeps its projection's float32 weight (a parameter, not counted) where the
     plain model keeps a bfloat16 copy (3C x C for qkv, C x C for the output projection)."""
     args = benchmark.get_args_parser().parse_args(['--batch-size', '3', '--img-size', '32', '--num-classes', '10',
                                                    '--model-kwargs', 'depth=2', 'patch_size=8', '--device', 'cpu'])
     x, y = benchmark.make_batch(args, torch.device('cpu'))
     saved = {name: benchmark.saved_bytes(benchmark.build(name, args, torch.device('cpu'), 'float32')[0], x, y, amp)
              for name in ('deit_tiny_12', 'attnscale_tiny_12', 'featscale_tiny_12')}
-    B, C, H, depth = 3, 192, 3, 2
+    B, C, depth = 3, 192, 2
     weight_copy = C * C * 2 if amp == torch.bfloat16 else 0
-    assert saved['attnscale_tiny_12'] - saved['deit_tiny_12'] == depth * (B * H * (C // H) * 4 - 3 * weight_copy)
+    assert saved['attnscale_tiny_12'] - saved['deit_tiny_12'] == depth * (B * C * 4 - 3 * weight_copy)
     assert saved['featscale_tiny_12'] - saved['deit_tiny_12'] == depth * (B * C * 4 - weight_copy)
     model = benchmark.build('deit_tiny_12', args, torch.device('cpu'), 'float32')[0]
     assert benchmark.saved_bytes(model, x, y, amp) == saved['deit_tiny_12']  # deterministic

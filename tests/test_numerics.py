@@ -104,7 +104,9 @@ def _dc_heavy(shape, dtype):
 def test_lambda_gradients_of_each_function_in_low_precision(dtype):
     """dL/dlamb of each function on low-precision activations, lamb = 1e-3 in float32, against float64 on
     the same values: 1 + lamb is not rounded and HF[x] is not lost to cancellation. (Before: relative errors
-    of 5e-4 to 5e-2; now 1e-7 to 2e-6, and 1e-3 for the in-place form, whose HF[v] is read back from v'.)"""
+    of 5e-4 to 5e-2; now 1e-7 to 2e-6; 1e-3 for the forms that read HF back from their rounded output; 3e-3
+    (bfloat16) and 4e-4 (float16) for the qkv projection's, formed from g^T HF[z], which the projection's
+    product rounds as it rounds its own weight gradient.)"""
     torch.manual_seed(0)
     v, out, y = _dc_heavy((4, 3, 50, 16), dtype), _dc_heavy((4, 3, 50, 16), dtype), _dc_heavy((4, 50, 48), dtype)
     attn = torch.rand(4, 3, 50, 50).softmax(-1).to(dtype)
@@ -119,8 +121,8 @@ def test_lambda_gradients_of_each_function_in_low_precision(dtype):
         o, v.to(o.dtype), lamb), out, 3), 'attnscale': (attnscale, attn, 3), 'attnscale_map': (attnscale_map, attn, 3),
         'featscale': (lambda t, lamb: featscale(t, lamb[:48], lamb[48:], 2.), y, 96)}
     for name, (fn, x, n) in cases.items():
-        reads_back = name.startswith('attnscale_') and name != 'attnscale_fused'  # HF from its rounded output
-        tolerance = 2e-3 if reads_back else 1e-5
+        reads_back = name in ('attnscale_tokens', 'attnscale_map')  # HF from its rounded output
+        tolerance = {'attnscale_qkv': 4e-3}.get(name, 2e-3 if reads_back else 1e-5)
         grads = {}
         for prec in (dtype, torch.float64):
             lamb = torch.full((n,), 1e-3, dtype=torch.float32 if prec != torch.float64 else prec, requires_grad=True)
@@ -136,8 +138,8 @@ def test_lambda_gradients_of_each_function_in_low_precision(dtype):
 @pytest.mark.parametrize('name', ['featscale_tiny_12', 'featscale_cait_XXS24_224', 'vit_tiny_patch16_224+featscale'])
 def test_featscale_fused_with_the_projection_matches_the_plain_block(name, monkeypatch):
     """With gradients recorded, a FeatScale block runs its attention up to the projection and then
-    `featscale_linear`; the same model through `attn` then `featscale` gives the same logits, bit for bit,
-    and the same gradients (fp32, 1e-5). With dropout after the projection it takes the plain path."""
+    `featscale_linear`; the same model through `attn` then `featscale` gives the same logits and gradients
+    (fp32, 1e-5; DC[y] is formed from DC[z]). With dropout after the projection it takes the plain path."""
     torch.manual_seed(0)
     base, _, addon = name.partition('+')
     model = build(base, lamb=None) if not addon else models.apply_addon(build(base), addon)
@@ -155,7 +157,7 @@ def test_featscale_fused_with_the_projection_matches_the_plain_block(name, monke
         logits.square().sum().backward()
         runs.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (logits, grads), (plain_logits, plain_grads) = runs
-    assert torch.equal(logits, plain_logits)
+    assert rel_err(logits, plain_logits) < 1e-6
     for n, g in grads.items():
         assert rel_err(g, plain_grads[n]) < 1e-5 or (g - plain_grads[n]).abs().max() < 1e-6, n
     monkeypatch.undo()
@@ -230,9 +232,8 @@ def test_function_gradients_in_float64():
 
 @pytest.mark.parametrize('dtype', [torch.float32, *LOW], ids=str)
 def test_featscale_linear_is_featscale_of_the_projection(dtype):
-    """Forward bit for bit what featscale(F.linear(...)) gives (autocast included), gradients at least as
-    accurate (against float64), and nothing kept for backward but z (which the projection keeps anyway) and
-    float32 DC[y]."""
+    """Outputs and gradients at least as accurate as featscale(F.linear(...)) (against float64, autocast
+    included), and nothing kept for backward but z (which the projection keeps anyway) and float32 DC[z]."""
     torch.manual_seed(0)
     z = torch.randn(4, 9, 16, requires_grad=True)
     weight, bias = torch.randn(24, 16, requires_grad=True), torch.randn(24, requires_grad=True)
@@ -242,11 +243,11 @@ def test_featscale_linear_is_featscale_of_the_projection(dtype):
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             fused = featscale_linear(*inputs, 2.)
         plain = featscale(F.linear(z, weight, bias), lamb1, lamb2, 2.)
-    assert fused.dtype == dtype and torch.equal(fused, plain)
     kept = [t for t in saved if not any(t is p for p in (weight, bias, lamb1, lamb2))]
-    assert [(tuple(t.shape), t.dtype) for t in kept] == [((4, 9, 16), dtype), ((4, 1, 24), torch.float32)]
+    assert [(tuple(t.shape), t.dtype) for t in kept] == [((4, 9, 16), dtype), ((4, 1, 16), torch.float32)]
     upstream = torch.randn(fused.shape).to(dtype)
     exact = featscale(F.linear(*(t.double() for t in inputs[:3])), lamb1.double(), lamb2.double(), 2.)
+    assert fused.dtype == dtype and rel_err(fused.double(), exact) <= 1.1 * rel_err(plain.double(), exact) + 1e-7
     for a, b, ref in zip(*(torch.autograd.grad(out, inputs, upstream.to(out.dtype)) for out in (fused, plain, exact))):
         assert rel_err(a.double(), ref) <= 1.1 * rel_err(b.double(), ref) + 1e-7  # no less accurate
 
