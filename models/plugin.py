@@ -14,8 +14,8 @@ attention path. Where the attention runs fused (`scaled_dot_product_attention`),
 through the exact identity A'v = A v' with v' = DC[v] + (1 + lamb) HF[v] (A's rows sum to one); in ViT
 it is applied to the values inside the qkv projection (`attnscale_qkv`), so it keeps no extra tensor for
 backward. The explicit path shows each map to `attn_probe`, an identity whose forward hooks see it
-(diagnostics.py). In ViT and CaiT blocks FeatScale runs fused with the attention's output projection
-for the same reason (`FeatScaleProjection`).
+(diagnostics.py). In ViT, CaiT and Swin blocks FeatScale runs fused with the attention's output
+projection for the same reason (`FeatScaleProjection`; in Swin after the windows are merged).
 """
 from typing import Optional
 
@@ -141,7 +141,14 @@ class SwinWindowAttention(WindowAttention):
     `ViTAttention` does, would keep that output too (+16.6% saved bytes for Swin-S).
     """
 
+    projection_deferred = False  # set by SwinBlock.merged_before_projection for one call
+
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        z = self.mix(x, mask)
+        return z if self.projection_deferred else self.proj_drop(self.proj(z))
+
+    def mix(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The attention's output before its projection `proj`, per window (B_, N, C)."""
         B_, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         if self.fused_attn and (self.lamb is None or self.attn_drop.p == 0. or not self.training):
@@ -161,21 +168,36 @@ class SwinWindowAttention(WindowAttention):
                 attn = attn.view(-1, self.num_heads, N, N)
             attn = self.softmax(attn) if self.lamb is None else attnscale_softmax(attn, self.lamb)
             x = (self.attn_drop(self.attn_probe(attn)) @ v).transpose(1, 2).reshape(B_, N, -1)
-        return self.proj_drop(self.proj(x))
+        return x
 
 
-class SwinBlock(SwinTransformerBlock):
+class SwinBlock(SwinTransformerBlock, FeatScaleProjection):
     """Swin block with optional FeatScale on the attention branch after window reverse and reverse shift:
-    DC is the mean over all H*W tokens of the image (not per window), applied once."""
+    DC is the mean over all H*W tokens of the image (not per window), applied once. While gradients are
+    recorded (and no dropout follows the projection), the attention's output projection, a per-token map,
+    runs after the windows are merged and shifted back, on the whole image, fused with FeatScale
+    (`featscale_linear`), so that nothing extra is kept for backward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        y = self._attn(self.norm1(x))
-        if self.lamb1 is not None and self.lamb2 is not None:
-            y = featscale(y.reshape(B, H * W, C), self.lamb1, self.lamb2, self.feat_scale_repeat).reshape(B, H, W, C)
-        x = (x + self.drop_path1(y)).reshape(B, -1, C)
+        featscale_on = self.lamb1 is not None and self.lamb2 is not None
+        if featscale_on and self.featscale_fused() and not torch.compiler.is_compiling():
+            y = self.featscale_projection(self.merged_before_projection(self.norm1(x)).reshape(B, H * W, C))
+        else:
+            y = self._attn(self.norm1(x)).reshape(B, H * W, C)
+            if featscale_on:
+                y = featscale(y, self.lamb1, self.lamb2, self.feat_scale_repeat)
+        x = x.reshape(B, H * W, C) + self.drop_path1(y)
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
         return x.reshape(B, H, W, C)
+
+    def merged_before_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's shifted-window attention (`_attn`) with the attention's output projection left out."""
+        self.attn.projection_deferred = True
+        try:
+            return self._attn(x)
+        finally:
+            self.attn.projection_deferred = False
 
 
 # (timm's block, timm's attention) -> (our block, our attention), per supported family

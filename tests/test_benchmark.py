@@ -213,3 +213,19 @@ def test_memory_only_run_describes_itself():
     args = benchmark.get_args_parser().parse_args(['--no-train', '--no-infer', '--device', 'cpu', '--memory-steps', '2'])
     line = benchmark.describe(args, dict(device='cpu', torch='2.x', threads=2, cpu_count=2))
     assert 'memory only, 2 training steps' in line and 'rounds' not in line
+
+
+def test_swin_featscale_saved_bytes_are_token_means():
+    """Swin's FeatScale, fused with the output projection after the windows are merged, keeps one float32
+    token mean of the projection's input per block (B x C) beyond plain Swin: not y."""
+    args = benchmark.get_args_parser().parse_args(['--batch-size', '2', '--img-size', '56', '--num-classes', '10',
+                                                   '--device', 'cpu'])
+    x, y = benchmark.make_batch(args, torch.device('cpu'))
+    saved = {}
+    for name in ('swin_tiny_patch4_window7_224', 'featscale_swin_tiny_patch4_window7_224'):
+        model = benchmark.build(name, args, torch.device('cpu'), 'float32')[0]
+        saved[name] = benchmark.saved_bytes(model, x, y, torch.float32)
+    blocks = models.plugin.self_attention_blocks(model)
+    assert len(blocks) == 12
+    means = sum(2 * b.attn.proj.in_features * 4 for b in blocks)  # B x C float32 per block
+    assert saved[name] - saved['swin_tiny_patch4_window7_224'] == means

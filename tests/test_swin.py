@@ -1,5 +1,6 @@
 """The official Swin models with AttnScale / FeatScale: manifests, official details, official-layout checkpoints."""
 import json
+import math
 import re
 import sys
 import types
@@ -154,3 +155,34 @@ def test_diagnostics_follow_every_swin_block(tmp_path, capsys):
     assert len(entry['metrics']['patch_cosine']['values']) == 5  # X_0 (14 x 14 patches) .. X_4 (7 x 7)
     assert entry['addon_params']['attnscale_lambda']['values'] == [[0.], [0.], [0., 0.], [0., 0.]]
     assert printed.splitlines()[-1].split()[-1] == 'n/a'
+
+
+@pytest.mark.parametrize('img_size', [56, 64])  # 64: 16 x 16 and 8 x 8 maps, padded to whole 7 x 7 windows
+def test_featscale_fused_after_the_window_merge_matches_the_plain_block(img_size, monkeypatch):
+    """While gradients are recorded, a FeatScale Swin block runs the attention's output projection after the
+    windows are merged and shifted back, fused with FeatScale; per window then FeatScale over the map gives
+    the same logits and gradients (fp32, 1e-5), also on maps padded to whole windows (eval: no drop path)."""
+    torch.manual_seed(0)
+    model = models.create_model('featscale_swin_tiny_patch4_window7_224', img_size=img_size, num_classes=3).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(('.lamb1', '.lamb2')):
+                p.normal_(0, 0.3)
+    x = torch.randn(2, 3, img_size, img_size)
+    runs, blocks = [], models.plugin.self_attention_blocks(model)
+    for fused in (True, False):
+        monkeypatch.setattr(models.plugin.FeatScaleProjection, 'featscale_fused', lambda self, on=fused: on)
+        calls = []  # the projection as a module runs per window only on the plain path
+        hooks = [b.attn.proj.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape)) for b in blocks]
+        model.zero_grad()
+        logits = model(x)
+        logits.square().sum().backward()
+        runs.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, calls))
+        for h in hooks:
+            h.remove()
+    (logits, grads, fused_calls), (plain_logits, plain_grads, plain_calls) = runs
+    windows = math.ceil(img_size / 4 / 7) ** 2  # of stage 0, per image
+    assert fused_calls == [] and len(plain_calls) == len(blocks) and plain_calls[0][:2] == (2 * windows, 49)
+    torch.testing.assert_close(logits, plain_logits, rtol=1e-5, atol=1e-6)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, plain_grads[n], rtol=1e-4, atol=1e-6, msg=n)
