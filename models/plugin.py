@@ -141,8 +141,6 @@ class SwinWindowAttention(WindowAttention):
     `ViTAttention` does, would keep that output too (+16.6% saved bytes for Swin-S).
     """
 
-    projection_deferred = False  # set by SwinBlock.merged_before_projection for one call
-
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         z = self.mix(x, mask)
         return z if self.projection_deferred else self.proj_drop(self.proj(z))
@@ -180,17 +178,18 @@ class SwinBlock(SwinTransformerBlock, FeatScaleProjection):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        featscale_on = self.lamb1 is not None and self.lamb2 is not None
-        if featscale_on and self.featscale_fused() and not torch.compiler.is_compiling():
+        if self.lamb1 is not None and self.lamb2 is not None and self.featscale_fused() \
+                and not (torch.jit.is_scripting() or torch.compiler.is_compiling()):  # no state set mid-forward
             y = self.featscale_projection(self.merged_before_projection(self.norm1(x)).reshape(B, H * W, C))
         else:
             y = self._attn(self.norm1(x)).reshape(B, H * W, C)
-            if featscale_on:
+            if self.lamb1 is not None and self.lamb2 is not None:
                 y = featscale(y, self.lamb1, self.lamb2, self.feat_scale_repeat)
         x = x.reshape(B, H * W, C) + self.drop_path1(y)
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
         return x.reshape(B, H, W, C)
 
+    @torch.jit.unused
     def merged_before_projection(self, x: torch.Tensor) -> torch.Tensor:
         """timm's shifted-window attention (`_attn`) with the attention's output projection left out."""
         self.attn.projection_deferred = True
@@ -250,6 +249,8 @@ def install(model: nn.Module, attn_scale: bool = False, feat_scale: bool = False
         blk.feat_scale_repeat = feat_scale_repeat
         if not hasattr(blk.attn, 'attn_probe'):
             blk.attn.attn_probe = nn.Identity()
+        if isinstance(blk.attn, SwinWindowAttention):  # an instance attribute, seen by TorchScript
+            blk.attn.projection_deferred = False  # True for one call of SwinBlock.merged_before_projection
         _gain(blk.attn, 'lamb', blk.attn.num_heads, attn_scale)
         for name in ('lamb1', 'lamb2'):
             _gain(blk, name, blk.attn.proj.out_features, feat_scale)
