@@ -38,7 +38,7 @@ def autocast_input(z: torch.Tensor) -> torch.Tensor:
     return z
 
 
-def input_mean(z, weight, bias, dtype):
+def input_mean(z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype) -> tuple:
     """(DC[z] (B, 1, K), DC[z W^T + b] = DC[z] W^T + b (B, 1, C)) in `dtype`: the token mean of a projection
     from that of its input, without a pass over its output."""
     with autocast_off(z.device.type):
@@ -47,7 +47,7 @@ def input_mean(z, weight, bias, dtype):
         return dc_z, dc if bias is None else dc.add_(bias.to(z.dtype))
 
 
-def split_products(grad, z, dc_z, dtype):
+def split_products(grad: torch.Tensor, z: torch.Tensor, dc_z: torch.Tensor, dtype: torch.dtype) -> tuple:
     """sum_n g (B, C), and the projection's weight gradient g^T z (over all tokens) split into g^T DC[z] and
     g^T HF[z] (C x K), in `dtype`. float32 and wider activations form the HF part by subtraction, with no
     pass beyond the weight gradient's own product; float16/bfloat16 ones from HF[z] itself, so that rounding
