@@ -30,10 +30,11 @@ def autocast_off(device_type: str):
 
 
 def autocast_input(z: torch.Tensor) -> torch.Tensor:
-    """z in the autocast dtype where autocast is on: the copy autocast's linear would keep, kept by the
-    Functions below instead (which run their projection inside and keep its input for backward)."""
+    """z as autocast's linear would take it: in the autocast dtype where autocast is on. The Functions below
+    run their projection inside and keep this copy for backward, where autocast's linear would keep it."""
     device = z.device.type
-    if z.dtype == torch.float32 and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+    if z.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.amp.is_autocast_available(device) \
+            and torch.is_autocast_enabled(device):
         return z.to(torch.get_autocast_dtype(device))
     return z
 
@@ -43,20 +44,25 @@ def input_mean(z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     from that of its input, without a pass over its output."""
     with autocast_off(z.device.type):
         dc_z = z.sum(dim=-2, keepdim=True, dtype=dtype) / z.shape[-2]
-        dc = dc_z @ weight.to(z.dtype).to(dtype).t()
-        return dc_z, dc if bias is None else dc.add_(bias.to(z.dtype))
+        dc = dc_z @ weight.to(z.dtype).to(dtype).t()  # the weight as the product used it (autocast rounds it)
+        if bias is not None:
+            dc += bias.to(z.dtype)
+        return dc_z, dc
 
 
 def split_products(grad: torch.Tensor, z: torch.Tensor, dc_z: torch.Tensor, dtype: torch.dtype) -> tuple:
-    """sum_n g (B, C), and the projection's weight gradient g^T z (over all tokens) split into g^T DC[z] and
-    g^T HF[z] (C x K), in `dtype`. float32 and wider activations form the HF part by subtraction, with no
-    pass beyond the weight gradient's own product; float16/bfloat16 ones from HF[z] itself, so that rounding
-    a DC-dominated g^T z does not take the HF part's digits with it."""
-    grad_sum = grad.sum(dim=-2, dtype=dtype).flatten(0, -2)
-    g_dc = grad_sum.t() @ dc_z.flatten(0, -2)
-    low = grad.element_size() < 4
-    g_z = torch.mm(grad.flatten(0, -2).t(), ((z - dc_z).to(z.dtype) if low else z).flatten(0, -2)).to(dtype)
-    return grad_sum, g_dc, g_z if low else g_z.sub_(g_dc)
+    """sum_n g (B, 1, C), and the projection's weight gradient g^T z (over all tokens) split into g^T DC[z]
+    and g^T HF[z] (C x K), in `dtype`. float32 and wider activations form the HF part by subtraction, with no
+    pass beyond the weight gradient's own product. float16/bfloat16 ones form it from HF[z] (one temporary
+    the size of z, in z's dtype), so that rounding a DC-dominated g^T z does not take the HF part's digits
+    with it."""
+    grad_sum = grad.sum(dim=-2, keepdim=True, dtype=dtype)
+    sums, means = grad_sum.flatten(0, -2), dc_z.flatten(0, -2)  # (B, C), (B, K)
+    g_dc = sums.t() @ means
+    if grad.element_size() >= 4:
+        return grad_sum, g_dc, torch.mm(grad.flatten(0, -2).t(), z.flatten(0, -2)).to(dtype).sub_(g_dc)
+    hf = torch.sub(z, dc_z, out=torch.empty_like(z))  # subtracted in `dtype`, rounded once
+    return grad_sum, g_dc, torch.mm(grad.flatten(0, -2).t(), hf.flatten(0, -2)).to(dtype)
 
 
 class AttnScaleQKV(torch.autograd.Function):
@@ -68,7 +74,7 @@ class AttnScaleQKV(torch.autograd.Function):
     formed from the projection's input z, which it keeps anyway: DC[v] = DC[z] W_v^T + b_v, and in backward
     d(loss)/d(lamb) = sum g . HF[v] = sum over each head's rows of W_v . (g^T HF[z]), from the weight
     gradient's own product; the only passes beyond the projection's are DC[z], the rescale, sum_n g and
-    the DC[g] term of z's gradient.
+    the DC[g] term of z's gradient (and HF[z] in float16/bfloat16, `split_products`).
     """
 
     @staticmethod
@@ -92,15 +98,17 @@ class AttnScaleQKV(torch.autograd.Function):
         k, n = 2 * grad.shape[-1] // 3, grad.shape[-2]
         lamb_c = lamb.repeat_interleave((grad.shape[-1] - k) // lamb.numel())  # per value channel
         grad_sum, g_dc, g_hf = split_products(grad[..., k:], z, dc_z, lamb.dtype)
-        w, w_v = weight.to(grad.dtype), weight[k:].to(lamb.dtype)
-        w_scaled = torch.cat([w[:k], (w_v * (1. + lamb_c[:, None])).to(grad.dtype)])
-        grad_z = torch.mm(grad.flatten(0, -2), w_scaled).view_as(z)
-        grad_z -= (grad_sum * (lamb_c / n) @ w_v).to(grad.dtype).unsqueeze(-2)  # d(-lamb DC[v])/dz
+        grad2, z2, w_v = grad.flatten(0, -2), z.flatten(0, -2), weight[k:].to(lamb.dtype)
+        grad_qk = grad2[:, :k]
+        w_scaled = torch.cat([weight[:k].to(grad.dtype), (w_v * (1. + lamb_c[:, None])).to(grad.dtype)])
+        grad_z = torch.mm(grad2, w_scaled).view_as(z)
+        grad_z -= (grad_sum * (lamb_c / n) @ w_v).to(grad.dtype)  # d(-lamb DC[v])/dz, per image
         grad_w = torch.empty(weight.shape, dtype=grad.dtype, device=grad.device)
-        torch.mm(grad.flatten(0, -2)[:, :k].t(), z.flatten(0, -2), out=grad_w[:k])
+        torch.mm(grad_qk.t(), z2, out=grad_w[:k])
         grad_w[k:] = g_hf * (1. + lamb_c[:, None]) + g_dc
-        grad_b = None if not bias_needs_grad else \
-            torch.cat([grad.flatten(0, -2)[:, :k].sum(0), grad_sum.sum(0).to(grad.dtype)])
+        grad_b = None
+        if bias_needs_grad:  # in float32, as the value part's sums are
+            grad_b = torch.cat([grad_qk.sum(0, dtype=lamb.dtype), grad_sum.flatten(0, -2).sum(0)])
         grad_lamb = (g_hf * w_v).sum(-1).view(lamb.numel(), -1).sum(-1)
         return grad_z.to(z.dtype), grad_w.to(weight.dtype), grad_b, grad_lamb
 
@@ -259,9 +267,9 @@ class FeatScaleLinear(torch.autograd.Function):
         grad_sum, g_dc, g_hf = split_products(grad, z, dc_z, a.dtype)
         w = weight.to(a.dtype)
         grad_z = torch.mm(grad.flatten(0, -2), (a[:, None] * w).to(grad.dtype)).view_as(z)
-        grad_z += (grad_sum * (c / n) @ w).to(grad.dtype).unsqueeze(-2)  # d(c DC[y])/dz
+        grad_z += (grad_sum * (c / n) @ w).to(grad.dtype)  # d(c DC[y])/dz, per image
         grad_w = a[:, None] * g_hf + (a + c)[:, None] * g_dc
-        grad_total, sum_g_dc = grad_sum.sum(0), (g_dc * w).sum(-1)
+        grad_total, sum_g_dc = grad_sum.flatten(0, -2).sum(0), (g_dc * w).sum(-1)
         if bias is not None:
             sum_g_dc = sum_g_dc + grad_total * bias.to(a.dtype)
         grad_b = None if bias is None else ((a + c) * grad_total).to(bias.dtype)

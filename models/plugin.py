@@ -15,7 +15,9 @@ through the exact identity A'v = A v' with v' = DC[v] + (1 + lamb) HF[v] (A's ro
 it is applied to the values inside the qkv projection (`attnscale_qkv`), so it keeps no extra tensor for
 backward. The explicit path shows each map to `attn_probe`, an identity whose forward hooks see it
 (diagnostics.py). In ViT, CaiT and Swin blocks FeatScale runs fused with the attention's output
-projection for the same reason (`FeatScaleProjection`; in Swin after the windows are merged).
+projection for the same reason (`FeatScaleProjection`). In Swin that projection then runs after the
+windows are merged, over whole images: the same row-by-row products, bit for bit on CPU, though a GPU
+library may pick another kernel for the other shape.
 """
 from typing import Optional
 
@@ -178,8 +180,7 @@ class SwinBlock(SwinTransformerBlock, FeatScaleProjection):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        if self.lamb1 is not None and self.lamb2 is not None and self.featscale_fused() \
-                and not (torch.jit.is_scripting() or torch.compiler.is_compiling()):  # no state set mid-forward
+        if self.lamb1 is not None and self.lamb2 is not None and self.projection_after_merge():
             y = self.featscale_projection(self.merged_before_projection(self.norm1(x)).reshape(B, H * W, C))
         else:
             y = self._attn(self.norm1(x)).reshape(B, H * W, C)
@@ -188,6 +189,14 @@ class SwinBlock(SwinTransformerBlock, FeatScaleProjection):
         x = x.reshape(B, H * W, C) + self.drop_path1(y)
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
         return x.reshape(B, H, W, C)
+
+    def projection_after_merge(self) -> bool:
+        """Whether the attention's projection runs after the window merge, fused with FeatScale: when
+        `featscale_fused` (as in ViT), where the attention is as wide as the block (timm's merge takes its
+        C channels), and outside TorchScript and torch.compile (no state is set mid-forward there)."""
+        if torch.jit.is_scripting() or torch.compiler.is_compiling():
+            return False
+        return self.featscale_fused() and self.attn.proj.in_features == self.attn.proj.out_features
 
     @torch.jit.unused
     def merged_before_projection(self, x: torch.Tensor) -> torch.Tensor:

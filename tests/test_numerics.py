@@ -228,6 +228,9 @@ def test_function_gradients_in_float64():
     weight, bias = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((6, 4), (6,)))
     assert torch.autograd.gradcheck(lambda *t: featscale_linear(*t, 2.), (z, weight, bias, lamb1, lamb2))
     assert torch.autograd.gradcheck(lambda z, w, a, b: featscale_linear(z, w, None, a, b), (z, weight, lamb1, lamb2))
+    z4 = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)  # more leading dimensions
+    assert torch.autograd.gradcheck(lambda *t: attnscale_qkv(*t, 3), (z4, qkv_weight, qkv_bias, lamb))
+    assert torch.autograd.gradcheck(lambda *t: featscale_linear(*t, 2.), (z4, weight, bias, lamb1, lamb2))
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, *LOW], ids=str)
@@ -366,3 +369,33 @@ def test_zero_gains_leave_the_input_untouched_in_every_dtype():
         assert torch.equal(attnscale_map(x, zero), x)
         assert torch.equal(attnscale_softmax(x, zero), x.softmax(-1))
         assert torch.equal(featscale(x[0], torch.zeros(4), torch.zeros(4), 2.), x[0])
+
+
+def _values_scaled(z, weight, lamb):  # attnscale_qkv written out with plain ops, 2 heads
+    qkv = F.linear(z, weight)
+    v, lamb_ = qkv[..., 16:].unflatten(-1, (2, 4)), lamb.view(-1, 1)
+    v = ((1. + lamb_) * v - lamb_ * v.float().mean(dim=1, keepdim=True)).to(qkv.dtype)
+    return torch.cat([qkv[..., :16], v.flatten(-2)], dim=-1)
+
+
+@pytest.mark.parametrize('name', ['attnscale_qkv', 'featscale_linear'])
+def test_a_half_input_under_bfloat16_autocast_is_cast_as_autocast_casts_it(name):
+    """A float16 input under bfloat16 autocast goes to bfloat16, as autocast's linear takes it: outputs and
+    all gradients match the plain ops' on the same input, to bfloat16 rounding."""
+    torch.manual_seed(0)
+    z, lamb = torch.randn(2, 7, 8).half().requires_grad_(), torch.randn(8).mul(0.3).requires_grad_()
+    if name == 'attnscale_qkv':
+        weight, lamb2 = torch.randn(24, 8).requires_grad_(), None
+        fns = (lambda z, w: attnscale_qkv(z, w, None, lamb[:2], 2), lambda z, w: _values_scaled(z, w, lamb[:2]))
+    else:
+        weight = torch.randn(8, 8).requires_grad_()
+        fns = (lambda z, w: featscale_linear(z, w, None, lamb, lamb.flip(0), 2.),
+               lambda z, w: featscale(F.linear(z, w), lamb, lamb.flip(0), 2.))
+    results = []
+    for fn in fns:
+        with torch.autocast('cpu', torch.bfloat16):
+            out = fn(z, weight)
+        results.append((out, *torch.autograd.grad(out.float().square().sum(), (z, weight, lamb))))
+    assert results[0][0].dtype == results[1][0].dtype == torch.bfloat16
+    for a, b in zip(*results):
+        assert rel_err(a.double(), b.double()) < 2e-2

@@ -67,13 +67,14 @@ def _block_names(model, blocks):
     return [names[id(b)] for b in blocks]
 
 
-def test_registered_swin_names_compute_timms_swin_at_zero_gains():
+@pytest.mark.parametrize('grad', [False, True], ids=['no_grad', 'grad'])  # FeatScale: after the merge under grad
+def test_registered_swin_names_compute_timms_swin_at_zero_gains(grad):
     base = build('swin_tiny_patch4_window7_224', img_size=56)
     x = torch.randn(2, 3, 56, 56)
     for name in ('attnscale_swin_tiny_patch4_window7_224', 'featscale_swin_tiny_patch4_window7_224'):
         model = build(name, img_size=56)
         assert models.load_state_dict(model, base.state_dict(), allow_missing_addons=True)
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             assert torch.equal(base(x), model(x))
 
 
