@@ -9,7 +9,8 @@ The formulas are those of `antioversmooth.py`, rearranged:
 - `featscale_linear`: FeatScale together with the projection that produces y (y itself is not kept).
 Each is exact: the same numbers to rounding (with zero gains, the plain operation's bit for bit). The two
 with a projection form DC and the gains' gradients from the projection's input and its weight gradient's
-product, not from a pass over their output. Under TorchScript and torch.compile, where the custom autograd
+product, not from a pass over their output, and apply the gains through the product itself on the CPU in
+float32 (`affine_linear`). Under TorchScript and torch.compile, where the custom autograd
 Functions below do not run, the same formulas run through plain autograd.
 """
 import contextlib
@@ -50,6 +51,31 @@ def input_mean(z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         return dc_z, dc
 
 
+def affine_linear(z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: torch.Tensor,
+                  shift: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """F.linear(z, weight, bias) with its output channels from `start` on taken to y * scale + shift: scale
+    (O - start,) per channel, shift (..., 1, O - start) per image, both in float32 or wider.
+
+    On the CPU in float32 and wider, F.linear writes its bias into the output and adds the product onto it.
+    Here the scale goes into those weight rows and the shift into a per-image bias written the same way, so
+    no pass over the output follows the product (scale 1 and shift 0 give F.linear's bits). Elsewhere those
+    channels are rescaled in place after the product: CUDA adds the bias inside its product, and in
+    float16/bfloat16 scale * W would be rounded to the activation's dtype, where 1 + lamb is 1 for
+    |lamb| < 2^-9."""
+    if z.device.type != 'cpu' or z.dtype != scale.dtype:
+        y = F.linear(z, weight, bias)
+        part = y[..., start:]
+        torch.addcmul(shift, part, scale, out=part)
+        return y
+    head = weight.new_zeros(start) if bias is None else bias[:start]
+    tail = shift if bias is None else shift + bias[start:] * scale
+    per_image = torch.cat([head.expand(*tail.shape[:-1], start), tail], dim=-1)
+    scaled = torch.cat([weight[:start], weight[start:] * scale[:, None]])
+    y = per_image.expand(*z.shape[:-1], weight.shape[0]).contiguous()
+    y.view(-1, y.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]), scaled.t())
+    return y
+
+
 def split_products(grad: torch.Tensor, z: torch.Tensor, dc_z: torch.Tensor, dtype: torch.dtype) -> tuple:
     """sum_n g (B, 1, C), and the projection's weight gradient g^T z (over all tokens) split into g^T DC[z]
     and g^T HF[z] (C x K), in `dtype`. float32 and wider activations form the HF part by subtraction, with no
@@ -66,32 +92,30 @@ def split_products(grad: torch.Tensor, z: torch.Tensor, dc_z: torch.Tensor, dtyp
 
 
 class AttnScaleQKV(torch.autograd.Function):
-    """qkv = z W^T + b with AttnScale applied to its values v (the last third), in place: v <- v'.
+    """qkv = z W^T + b with AttnScale applied to its values v (the last third): v' in v's place.
 
     A' v = A v' with v' = DC[v] + (1 + lamb) HF[v] per head (A_dc v = DC[v] in every row, A DC[v] = DC[v]
     for row-stochastic A). Running the projection here makes qkv this Function's own output, so the
     in-place rescale costs autograd no copy of qkv's gradient, as it would on a view of it. Everything is
     formed from the projection's input z, which it keeps anyway: DC[v] = DC[z] W_v^T + b_v, and in backward
     d(loss)/d(lamb) = sum g . HF[v] = sum over each head's rows of W_v . (g^T HF[z]), from the weight
-    gradient's own product; the only passes beyond the projection's are DC[z], the rescale, sum_n g and
-    the DC[g] term of z's gradient (and HF[z] in float16/bfloat16, `split_products`).
+    gradient's own product; the only passes beyond the projection's are DC[z], the rescale (none on the CPU
+    in float32, `affine_linear`), sum_n g and the DC[g] term of z's gradient (and HF[z] in float16/bfloat16,
+    `split_products`).
     """
 
     @staticmethod
-    def forward(ctx, z, weight, bias, lamb, num_heads):
-        qkv = F.linear(z, weight, bias)
-        k = 2 * qkv.shape[-1] // 3
+    def forward(ctx, z, weight, bias, lamb):
+        k = 2 * weight.shape[0] // 3
         dc_z, dc = input_mean(z, weight[k:], None if bias is None else bias[k:], lamb.dtype)
-        lamb_ = lamb.view(-1, 1)
-        v = qkv[..., k:].unflatten(-1, (num_heads, -1))  # (B, N, H, d), in qkv
-        torch.addcmul(-lamb_ * dc.unflatten(-1, (num_heads, -1)), v, 1. + lamb_, out=v)
+        lamb_c = lamb.repeat_interleave(dc.shape[-1] // lamb.numel())  # per value channel
         ctx.save_for_backward(z, weight, lamb, dc_z)
-        return qkv
+        return affine_linear(z, weight, bias, 1. + lamb_c, -lamb_c * dc, start=k)  # v' = (1 + lamb) v - lamb DC[v]
 
     @staticmethod
     def backward(ctx, grad):
         with autocast_off(grad.device.type):
-            return *AttnScaleQKV._backward(ctx.needs_input_grad[2], grad, *ctx.saved_tensors), None
+            return AttnScaleQKV._backward(ctx.needs_input_grad[2], grad, *ctx.saved_tensors)
 
     @staticmethod
     def _backward(bias_needs_grad, grad, z, weight, lamb, dc_z):
@@ -125,7 +149,7 @@ def attnscale_qkv(z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         v.copy_(attnscale_fused(v.clone(), v, lamb))
         return qkv
     z = autocast_input(z)
-    return AttnScaleQKV.apply(z, weight, bias, antioversmooth.as_gain(lamb, z), num_heads)
+    return AttnScaleQKV.apply(z, weight, bias, antioversmooth.as_gain(lamb, z))
 
 
 class AttnScaleTokens(torch.autograd.Function):
@@ -239,7 +263,7 @@ def attnscale_fused(out: torch.Tensor, v: torch.Tensor, lamb: torch.Tensor) -> t
 
 
 class FeatScaleLinear(torch.autograd.Function):
-    """FeatScale(z W^T + b): the projection y = z W^T + b and FeatScale on y in one step, in place on y.
+    """FeatScale(z W^T + b): the projection y = z W^T + b and FeatScale on y in one step (`affine_linear`).
 
     Everything is formed from the projection's input z, which it keeps anyway: DC[y] = DC[z] W^T + b, and
     with y' = a y + c DC[y] (a = 1 + s lamb2, c = s (lamb1 - lamb2)) the gains' gradients are sums over
@@ -249,12 +273,10 @@ class FeatScaleLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, weight, bias, lamb1, lamb2, repeat):
-        y = F.linear(z, weight, bias)
         dc_z, dc = input_mean(z, weight, bias, lamb1.dtype)
-        torch.addcmul(repeat * (lamb1 - lamb2) * dc, y, 1. + repeat * lamb2, out=y)
         ctx.repeat = repeat
         ctx.save_for_backward(z, weight, bias, lamb1, lamb2, dc_z)
-        return y
+        return affine_linear(z, weight, bias, 1. + repeat * lamb2, repeat * (lamb1 - lamb2) * dc)
 
     @staticmethod
     def backward(ctx, grad):

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import models
 from models import antioversmooth
 from models.antioversmooth import attnscale, featscale
-from models.fused import (attnscale_fused, attnscale_map, attnscale_qkv, attnscale_softmax, attnscale_tokens,
-                          featscale_linear)
+from models.fused import (affine_linear, attnscale_fused, attnscale_map, attnscale_qkv, attnscale_softmax,
+                          attnscale_tokens, featscale_linear)
 from test_models import _official_cait_block as official_cait_block  # the released blocks, written out
 from test_models import _official_deit_block as official_deit_block
 
@@ -363,12 +363,34 @@ def test_zero_gains_leave_the_input_untouched_in_every_dtype():
         zero = torch.zeros(3)
         z, weight = torch.randn(2, 5, 8).to(dtype), torch.randn(36, 8).to(dtype)
         assert torch.equal(attnscale_qkv(z, weight, weight[:, 0], zero, 3), F.linear(z, weight, weight[:, 0]))
+        gains = torch.zeros(36)
+        assert torch.equal(featscale_linear(z, weight, None, gains, gains), F.linear(z, weight))
         assert torch.equal(attnscale_fused(x, x.flip(2), zero), x)
         assert torch.equal(attnscale_tokens(x, x.flip(2), zero), x.transpose(1, 2).flatten(-2))
         assert torch.equal(attnscale(x, zero), x)
         assert torch.equal(attnscale_map(x, zero), x)
         assert torch.equal(attnscale_softmax(x, zero), x.softmax(-1))
         assert torch.equal(featscale(x[0], torch.zeros(4), torch.zeros(4), 2.), x[0])
+
+
+@pytest.mark.parametrize('start', [0, 8])
+@pytest.mark.parametrize('with_bias', [True, False])
+def test_affine_linear_folds_into_the_product_as_it_rescales_after_it(start, with_bias):
+    """On the CPU in float32 the scale goes into the weight rows and the shift into a per-image bias; the
+    other path (CUDA, float16/bfloat16; here forced by float64 gains) rescales the output in place. Both give
+    y * scale + shift on channels from `start` on and the plain projection before them, any leading dims."""
+    torch.manual_seed(0)
+    z, weight = torch.randn(2, 3, 7, 8), torch.randn(12, 8)
+    bias = torch.randn(12) if with_bias else None
+    scale, shift = 1. + 0.3 * torch.randn(12 - start), torch.randn(2, 3, 1, 12 - start)
+    y = F.linear(z.double(), weight.double(), None if bias is None else bias.double())
+    expected = torch.cat([y[..., :start], y[..., start:] * scale.double() + shift.double()], dim=-1)
+    folded = affine_linear(z, weight, bias, scale, shift, start)
+    after = affine_linear(z, weight, bias, scale.double(), shift.double(), start)
+    assert folded.dtype == after.dtype == torch.float32 and folded.is_contiguous()
+    torch.testing.assert_close(folded.double(), expected, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(after.double(), expected, rtol=1e-6, atol=1e-5)
+    assert torch.equal(folded[..., :start], F.linear(z, weight, bias)[..., :start])
 
 
 def _values_scaled(z, weight, lamb):  # attnscale_qkv written out with plain ops, 2 heads

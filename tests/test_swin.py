@@ -185,5 +185,6 @@ def test_featscale_fused_after_the_window_merge_matches_the_plain_block(img_size
     windows = math.ceil(img_size / 4 / 7) ** 2  # of stage 0, per image
     assert fused_calls == [] and len(plain_calls) == len(blocks) and plain_calls[0][:2] == (2 * windows, 49)
     torch.testing.assert_close(logits, plain_logits, rtol=1e-5, atol=1e-6)
-    for n, g in grads.items():
-        torch.testing.assert_close(g, plain_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    for n, g in grads.items():  # atol: float32 rounding of the tensor's largest entry
+        scale = plain_grads[n].abs().max().item()
+        torch.testing.assert_close(g, plain_grads[n], rtol=1e-4, atol=1e-6 * max(scale, 1.), msg=n)
