@@ -50,3 +50,66 @@ def test_unknown_model_names_are_one_line_with_the_close_names():
     assert result.returncode == 1
     line, = result.stderr.strip().splitlines()
     assert line.startswith("error: unknown model 'deit_smal_12'; closest: deit_small_12")
+
+
+def test_block_ratios_come_with_an_interval_around_their_median(tmp_path):
+    out = tmp_path / 'blocks.json'
+    assert run('--models', 'deit_tiny_12', 'featscale_tiny_12', '--img-size', '32', '--batch-size', '2',
+               '--repeats', '5', '--json', str(out)).returncode == 0
+    s = json.loads(out.read_text())['summary']
+    assert s['deit_tiny_12']['train']['ci'] == [1.0, 1.0]
+    for mode in ('train', 'infer'):
+        low, high = s['featscale_tiny_12'][mode]['ci']
+        assert low <= s['featscale_tiny_12'][mode]['ratio'] <= high
+
+
+def test_projections_time_what_each_addon_changes_against_the_plain_projection(tmp_path):
+    out = tmp_path / 'projections.json'
+    result = run('--models', 'deit_tiny_12', '--projections', '--img-size', '32', '--batch-size', '2',
+                 '--repeats', '5', '--json', str(out))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    samples, summary = data['samples'], data['summary']
+    assert sorted(samples) == ['block', 'proj', 'proj+featscale', 'qkv', 'qkv+attnscale']
+    for addon, fused, plain in (('AttnScale', 'qkv+attnscale', 'qkv'), ('FeatScale', 'proj+featscale', 'proj')):
+        for mode in ('train', 'infer'):
+            s = summary[addon][mode]
+            diffs = sorted(1e3 * (a - b) for a, b in zip(samples[fused][mode], samples[plain][mode]))
+            assert abs(s['extra_ms'] - diffs[2]) < 1e-9  # median of five paired differences
+            assert s['ci'][0] <= s['extra_ms'] <= s['ci'][1]
+            block_ms = 1e3 * sorted(samples['block'][mode])[2]
+            assert abs(s['fraction'] - s['extra_ms'] / block_ms) < 1e-9
+    rows = [line.split(' | ')[:2] for line in result.stdout.splitlines()[3:7]]
+    assert rows == [['AttnScale', 'train'], ['AttnScale', 'infer'], ['FeatScale', 'train'], ['FeatScale', 'infer']]
+
+
+def test_projection_units_apply_the_addon_to_the_blocks_weights():
+    import torch
+    sys.path.insert(0, str(ROOT / 'scripts'))
+    import block_benchmark
+    blocks, (tokens, dim) = block_benchmark.middle_blocks(['deit_tiny_12'], 32)
+    units = block_benchmark.projection_units('deit_tiny_12', blocks['deit_tiny_12'])
+    z = torch.randn(2, tokens, dim)
+    qkv, scaled = units['qkv'](z), units['qkv+attnscale'](z)
+    v, v_scaled = qkv[..., 2 * dim:], scaled[..., 2 * dim:]
+    dc = v.mean(dim=1, keepdim=True)
+    torch.testing.assert_close(v_scaled, dc + 1.01 * (v - dc))  # AttnScale's v' at the gain 0.01
+    assert torch.equal(scaled[..., :2 * dim], qkv[..., :2 * dim])
+    y = units['proj'](z)
+    dc = y.mean(dim=1, keepdim=True)
+    expected = y + 0.01 * dc + 0.01 * (y - dc)  # FeatScale at both gains 0.01, s = 1
+    torch.testing.assert_close(units['proj+featscale'](z), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(units['proj+featscale'](z), expected)
+
+
+def test_projections_refuse_an_addon_block_and_several_models():
+    result = run('--models', 'attnscale_tiny_12', '--projections', '--repeats', '1')
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        'error: --projections takes the projections of a plain ViT/DeiT block, which attnscale_tiny_12 has not; '
+        'give a ViT/DeiT model without an add-on, e.g. --models deit_small_patch16_224']
+    result = run('--models', 'deit_tiny_12', 'attnscale_tiny_12', '--projections', '--repeats', '1')
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        'error: --projections times one reference block; give one model, e.g. --models deit_small_patch16_224']
