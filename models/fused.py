@@ -10,7 +10,7 @@ The formulas are those of `antioversmooth.py`, rearranged:
 Each is exact: the same numbers to rounding (with zero gains, the plain operation's bit for bit). The two
 with a projection form DC and the gains' gradients from the projection's input and its weight gradient's
 product, not from a pass over their output, and apply the gains through the product itself on the CPU in
-float32 (`affine_linear`). Under TorchScript and torch.compile, where the custom autograd
+float32 and float64 (`affine_linear`). Under TorchScript and torch.compile, where the custom autograd
 Functions below do not run, the same formulas run through plain autograd.
 """
 import contextlib
@@ -56,13 +56,17 @@ def affine_linear(z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """F.linear(z, weight, bias) with its output channels from `start` on taken to y * scale + shift: scale
     (O - start,) per channel, shift (..., 1, O - start) per image, both in float32 or wider.
 
-    On the CPU in float32 and wider, F.linear writes its bias into the output and adds the product onto it.
-    Here the scale goes into those weight rows and the shift into a per-image bias written the same way, so
-    no pass over the output follows the product (scale 1 and shift 0 give F.linear's bits). Elsewhere those
-    channels are rescaled in place after the product: CUDA adds the bias inside its product, and in
-    float16/bfloat16 scale * W would be rounded to the activation's dtype, where 1 + lamb is 1 for
-    |lamb| < 2^-9."""
-    if z.device.type != 'cpu' or z.dtype != scale.dtype:
+    On the CPU in float32 and float64, F.linear of a contiguous z writes its bias into the output and adds
+    the product onto it. Here the scale goes into those weight rows and the shift into a per-image bias
+    written the same way, so no pass over the output follows the product (scale 1 and shift 0 give
+    F.linear's bits). Elsewhere those channels are rescaled in place after the product: CUDA adds the bias
+    inside its product; in float16/bfloat16 scale * W would be rounded to the activation's dtype (1 + lamb
+    is 1 in bfloat16 for |lamb| < 2^-9); and where z has fewer rows than W, copying W costs more than the
+    rescale."""
+    fold = (z.device.type == 'cpu' and z.dtype in (torch.float32, torch.float64) and scale.dtype == z.dtype
+            and z.is_contiguous() and (bias is None or bias.is_contiguous())
+            and z.numel() // z.shape[-1] >= weight.shape[0])
+    if not fold:
         y = F.linear(z, weight, bias)
         part = y[..., start:]
         torch.addcmul(shift, part, scale, out=part)
@@ -100,7 +104,7 @@ class AttnScaleQKV(torch.autograd.Function):
     formed from the projection's input z, which it keeps anyway: DC[v] = DC[z] W_v^T + b_v, and in backward
     d(loss)/d(lamb) = sum g . HF[v] = sum over each head's rows of W_v . (g^T HF[z]), from the weight
     gradient's own product; the only passes beyond the projection's are DC[z], the rescale (none on the CPU
-    in float32, `affine_linear`), sum_n g and the DC[g] term of z's gradient (and HF[z] in float16/bfloat16,
+    in float32 and float64, `affine_linear`), sum_n g and the DC[g] term of z's gradient (and HF[z] in float16/bfloat16,
     `split_products`).
     """
 

@@ -16,7 +16,7 @@ only the qkv projection (`attnscale_qkv`) and FeatScale only the output projecti
 while gradients are recorded, `featscale` after the plain projection otherwise, as `ViTBlock` runs them).
 So this mode times those projections alone, plain and with the add-on, with the reference block's weights
 and input shape, next to the reference block itself: the median paired difference is the add-on's time
-per block, taken from a ~0.1 s operation instead of a ~1 s block, and is reported as a fraction of the
+per block, taken from a 20-200 ms operation instead of a ~1 s block, and is reported as a fraction of the
 block's time.
 
     python scripts/block_benchmark.py --models deit_small_12 attnscale_small_12 featscale_small_12 \\
@@ -39,8 +39,8 @@ import models  # noqa: E402  (registers the variants)
 from benchmark import timed  # noqa: E402
 from models.antioversmooth import featscale  # noqa: E402
 from models.checkpoint import ADDON_KEY  # noqa: E402
-from models.plugin import has_addon  # noqa: E402
 from models.fused import attnscale_qkv, featscale_linear  # noqa: E402
+from models.plugin import has_addon  # noqa: E402
 from engine import autocast  # noqa: E402
 
 GAIN = 0.01  # the add-ons' gains while timed; their value changes no work
@@ -100,8 +100,8 @@ class Projection(torch.nn.Module):
         super().__init__()
         self.linear, self.addon, self.num_heads = linear, addon, num_heads
         width = {'attnscale': num_heads, 'featscale': linear.out_features}.get(addon, 0)
-        self.lamb1 = torch.nn.Parameter(torch.full((width,), GAIN))
-        self.lamb2 = torch.nn.Parameter(torch.full((width,), GAIN))
+        self.lamb1 = torch.nn.Parameter(torch.full((width,), GAIN))  # AttnScale's lamb, FeatScale's lamb1
+        self.lamb2 = torch.nn.Parameter(torch.full((width if addon == 'featscale' else 0,), GAIN))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         w, b = self.linear.weight, self.linear.bias
@@ -148,9 +148,10 @@ def seconds(fn, unit, x, *args) -> float:
 
 
 def measure(units: dict, x, repeats: int, amp=torch.float32) -> dict:
-    """{name: {'train': [s, ...], 'infer': [s, ...]}}. Each unit first runs once untimed, which also draws
-    its fixed upstream gradient (seeded, so units of one output shape get the same); the order rotates
-    per repeat."""
+    """{name: {'train': [s, ...], 'infer': [s, ...]}}. Each unit first runs untimed (a forward, which draws its
+    fixed upstream gradient, seeded so that units of one output shape get the same, and a training step).
+    The order rotates per repeat and runs backwards every other repeat, so that neighbours in the list
+    run before each other equally often."""
     upstream = {}
     for name, unit in units.items():
         with torch.no_grad(), autocast(x.device, amp):
@@ -160,7 +161,8 @@ def measure(units: dict, x, repeats: int, amp=torch.float32) -> dict:
     names = list(units)
     samples = {name: {'train': [], 'infer': []} for name in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order[::-1] if r % 2 else order:
             samples[name]['train'].append(seconds(train_once, units[name], x, upstream[name], amp))
             samples[name]['infer'].append(seconds(infer_once, units[name], x, amp))
     return samples
@@ -168,10 +170,11 @@ def measure(units: dict, x, repeats: int, amp=torch.float32) -> dict:
 
 def interval(values: list, resamples: int = 2000) -> list:
     """[low, high]: the 95% percentile-bootstrap interval of the median of `values` (seeded, so the same
-    samples give the same interval)."""
+    samples give the same interval). It treats the samples as independent: it covers their scatter, not a
+    drift of the machine that pairing does not cancel."""
     rng = random.Random(0)
     medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
-    return [medians[int(0.025 * resamples)], medians[int(0.975 * resamples)]]
+    return [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]]
 
 
 def summarize(samples: dict) -> dict:
@@ -191,7 +194,8 @@ def summarize(samples: dict) -> dict:
 
 def summarize_projections(samples: dict) -> dict:
     """Per add-on and mode: the plain projection's median ms, the median of the paired differences with its
-    interval (the add-on's ms per block), and both as fractions of the block's median time."""
+    interval (the add-on's ms per block), and both as fractions of the block's median time (the interval
+    divided by that median, whose own scatter it leaves out)."""
     summary = {}
     for addon, (fused, plain) in PAIRS.items():
         summary[addon] = {}

@@ -83,24 +83,46 @@ def test_projections_time_what_each_addon_changes_against_the_plain_projection(t
     assert rows == [['AttnScale', 'train'], ['AttnScale', 'infer'], ['FeatScale', 'train'], ['FeatScale', 'infer']]
 
 
-def test_projection_units_apply_the_addon_to_the_blocks_weights():
-    import torch
-    sys.path.insert(0, str(ROOT / 'scripts'))
+def _script(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / 'scripts'))
     import block_benchmark
+    return block_benchmark
+
+
+def test_projection_units_apply_the_addon_to_the_blocks_weights(monkeypatch):
+    import torch
+    block_benchmark = _script(monkeypatch)
     blocks, (tokens, dim) = block_benchmark.middle_blocks(['deit_tiny_12'], 32)
     units = block_benchmark.projection_units('deit_tiny_12', blocks['deit_tiny_12'])
+    heads = blocks['deit_tiny_12'].attn.num_heads
+    lamb = torch.linspace(-0.2, 0.3, heads)
+    lamb1, lamb2 = torch.linspace(-0.5, 0.5, dim), torch.linspace(0.4, -0.1, dim)
+    with torch.no_grad():
+        units['qkv+attnscale'].lamb1.copy_(lamb)
+        units['proj+featscale'].lamb1.copy_(lamb1)
+        units['proj+featscale'].lamb2.copy_(lamb2)
     z = torch.randn(2, tokens, dim)
     qkv, scaled = units['qkv'](z), units['qkv+attnscale'](z)
     v, v_scaled = qkv[..., 2 * dim:], scaled[..., 2 * dim:]
-    dc = v.mean(dim=1, keepdim=True)
-    torch.testing.assert_close(v_scaled, dc + 1.01 * (v - dc))  # AttnScale's v' at the gain 0.01
+    dc, gain = v.mean(dim=1, keepdim=True), lamb.repeat_interleave(dim // heads)  # each head's channels
+    torch.testing.assert_close(v_scaled, dc + (1. + gain) * (v - dc))  # AttnScale's v'
     assert torch.equal(scaled[..., :2 * dim], qkv[..., :2 * dim])
     y = units['proj'](z)
     dc = y.mean(dim=1, keepdim=True)
-    expected = y + 0.01 * dc + 0.01 * (y - dc)  # FeatScale at both gains 0.01, s = 1
+    expected = y + lamb1 * dc + lamb2 * (y - dc)  # FeatScale, s = 1
     torch.testing.assert_close(units['proj+featscale'](z), expected)
     with torch.no_grad():
         torch.testing.assert_close(units['proj+featscale'](z), expected)
+
+
+def test_interval_is_reproducible_and_widens_with_the_scatter(monkeypatch):
+    interval = _script(monkeypatch).interval
+    assert interval([2.5] * 9) == [2.5, 2.5]
+    tight = [1. + 0.001 * ((7 * i) % 11 - 5) for i in range(40)]
+    loose = [1. + 0.01 * ((7 * i) % 11 - 5) for i in range(40)]
+    assert interval(tight) == interval(list(tight))
+    low, high = interval(tight)
+    assert low < 1. < high and interval(loose)[1] - interval(loose)[0] > 5 * (high - low)
 
 
 def test_projections_refuse_an_addon_block_and_several_models():

@@ -375,22 +375,37 @@ def test_zero_gains_leave_the_input_untouched_in_every_dtype():
 
 @pytest.mark.parametrize('start', [0, 8])
 @pytest.mark.parametrize('with_bias', [True, False])
-def test_affine_linear_folds_into_the_product_as_it_rescales_after_it(start, with_bias):
-    """On the CPU in float32 the scale goes into the weight rows and the shift into a per-image bias; the
-    other path (CUDA, float16/bfloat16; here forced by float64 gains) rescales the output in place. Both give
-    y * scale + shift on channels from `start` on and the plain projection before them, any leading dims."""
+def test_affine_linear_folds_into_the_product_as_it_rescales_after_it(start, with_bias, monkeypatch):
+    """On the CPU in float32 the scale goes into the weight rows and the shift into a per-image bias, with no
+    F.linear; the other path (CUDA, float16/bfloat16, fewer rows than the weight; here forced by float64
+    gains) rescales F.linear's output in place. Both give y * scale + shift on channels from `start` on and
+    the plain projection before them, for any leading dims."""
     torch.manual_seed(0)
     z, weight = torch.randn(2, 3, 7, 8), torch.randn(12, 8)
     bias = torch.randn(12) if with_bias else None
     scale, shift = 1. + 0.3 * torch.randn(12 - start), torch.randn(2, 3, 1, 12 - start)
     y = F.linear(z.double(), weight.double(), None if bias is None else bias.double())
     expected = torch.cat([y[..., :start], y[..., start:] * scale.double() + shift.double()], dim=-1)
+    linear, calls = F.linear, []
+    monkeypatch.setattr(F, 'linear', lambda *args: calls.append(1) or linear(*args))
     folded = affine_linear(z, weight, bias, scale, shift, start)
+    assert calls == []
     after = affine_linear(z, weight, bias, scale.double(), shift.double(), start)
+    assert calls == [1]
     assert folded.dtype == after.dtype == torch.float32 and folded.is_contiguous()
-    torch.testing.assert_close(folded.double(), expected, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(after.double(), expected, rtol=1e-6, atol=1e-5)
-    assert torch.equal(folded[..., :start], F.linear(z, weight, bias)[..., :start])
+    for out in (folded, after):
+        torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-5)
+        assert torch.equal(out[..., :start], linear(z, weight, bias)[..., :start])
+
+
+def test_affine_linear_with_unit_scale_is_the_projection_bit_for_bit():
+    """The fold writes the bias and adds the product as F.linear does, so scale 1 and shift 0 give its bits,
+    also with a long reduction (K = 1536) and for fewer rows than the weight (the in-place path)."""
+    torch.manual_seed(0)
+    for rows in (64, 4):
+        z, weight, bias = torch.randn(2, rows // 2, 1536), torch.randn(48, 1536), torch.randn(48)
+        shift = torch.zeros(2, 1, 16)
+        assert torch.equal(affine_linear(z, weight, bias, torch.ones(16), shift, 32), F.linear(z, weight, bias))
 
 
 def _values_scaled(z, weight, lamb):  # attnscale_qkv written out with plain ops, 2 heads
