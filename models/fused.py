@@ -80,19 +80,24 @@ def affine_linear(z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return y
 
 
-def split_products(grad: torch.Tensor, z: torch.Tensor, dc_z: torch.Tensor, dtype: torch.dtype) -> tuple:
-    """sum_n g (B, 1, C), and the projection's weight gradient g^T z (over all tokens) split into g^T DC[z]
-    and g^T HF[z] (C x K), in `dtype`. float32 and wider activations form the HF part by subtraction, with no
-    pass beyond the weight gradient's own product. float16/bfloat16 ones form it from HF[z] (one temporary
-    the size of z, in z's dtype), so that rounding a DC-dominated g^T z does not take the HF part's digits
-    with it."""
-    grad_sum = grad.sum(dim=-2, keepdim=True, dtype=dtype)
-    sums, means = grad_sum.flatten(0, -2), dc_z.flatten(0, -2)  # (B, C), (B, K)
-    g_dc = sums.t() @ means
+def split_products(grad: torch.Tensor, z: torch.Tensor, dc_z: torch.Tensor, dtype: torch.dtype,
+                   start: int = 0) -> tuple:
+    """The projection's weight gradient g^T z (over all tokens), with its rows from `start` on split for the
+    gains: (sum_n g (..., 1, C), g^T DC[z], g^T HF[z] (C x K), in `dtype`, for the C channels from `start` on;
+    g^T z for the channels before `start`, in grad's dtype). float32 and wider activations take all of it
+    from one product g^T z, the HF part by subtraction. float16/bfloat16 ones form the HF part from HF[z]
+    (one temporary the size of z, in z's dtype), so that rounding a DC-dominated g^T z does not take the HF
+    part's digits with it."""
+    tail = grad[..., start:]
+    grad_sum = tail.sum(dim=-2, keepdim=True, dtype=dtype)
+    g_dc = grad_sum.flatten(0, -2).t() @ dc_z.flatten(0, -2)  # (C, B) @ (B, K)
+    grad2, z2 = grad.flatten(0, -2), z.flatten(0, -2)
     if grad.element_size() >= 4:
-        return grad_sum, g_dc, torch.mm(grad.flatten(0, -2).t(), z.flatten(0, -2)).to(dtype).sub_(g_dc)
+        full = torch.mm(grad2.t(), z2)
+        return grad_sum, g_dc, full[start:].to(dtype) - g_dc, full[:start]
     hf = torch.sub(z, dc_z, out=torch.empty_like(z))  # subtracted in `dtype`, rounded once
-    return grad_sum, g_dc, torch.mm(grad.flatten(0, -2).t(), hf.flatten(0, -2)).to(dtype)
+    g_hf = torch.mm(tail.flatten(0, -2).t(), hf.flatten(0, -2)).to(dtype)
+    return grad_sum, g_dc, g_hf, torch.mm(grad2[:, :start].t(), z2)
 
 
 class AttnScaleQKV(torch.autograd.Function):
@@ -125,18 +130,15 @@ class AttnScaleQKV(torch.autograd.Function):
     def _backward(bias_needs_grad, grad, z, weight, lamb, dc_z):
         k, n = 2 * grad.shape[-1] // 3, grad.shape[-2]
         lamb_c = lamb.repeat_interleave((grad.shape[-1] - k) // lamb.numel())  # per value channel
-        grad_sum, g_dc, g_hf = split_products(grad[..., k:], z, dc_z, lamb.dtype)
-        grad2, z2, w_v = grad.flatten(0, -2), z.flatten(0, -2), weight[k:].to(lamb.dtype)
-        grad_qk = grad2[:, :k]
+        grad_sum, g_dc, g_hf, g_qk = split_products(grad, z, dc_z, lamb.dtype, start=k)
+        grad2, w_v = grad.flatten(0, -2), weight[k:].to(lamb.dtype)
         w_scaled = torch.cat([weight[:k].to(grad.dtype), (w_v * (1. + lamb_c[:, None])).to(grad.dtype)])
         grad_z = torch.mm(grad2, w_scaled).view_as(z)
         grad_z -= (grad_sum * (lamb_c / n) @ w_v).to(grad.dtype)  # d(-lamb DC[v])/dz, per image
-        grad_w = torch.empty(weight.shape, dtype=grad.dtype, device=grad.device)
-        torch.mm(grad_qk.t(), z2, out=grad_w[:k])
-        grad_w[k:] = g_hf * (1. + lamb_c[:, None]) + g_dc
+        grad_w = torch.cat([g_qk, (g_hf * (1. + lamb_c[:, None]) + g_dc).to(grad.dtype)])
         grad_b = None
         if bias_needs_grad:  # in float32, as the value part's sums are
-            grad_b = torch.cat([grad_qk.sum(0, dtype=lamb.dtype), grad_sum.flatten(0, -2).sum(0)])
+            grad_b = torch.cat([grad2[:, :k].sum(0, dtype=lamb.dtype), grad_sum.flatten(0, -2).sum(0)])
         grad_lamb = (g_hf * w_v).sum(-1).view(lamb.numel(), -1).sum(-1)
         return grad_z.to(z.dtype), grad_w.to(weight.dtype), grad_b, grad_lamb
 
@@ -290,7 +292,7 @@ class FeatScaleLinear(torch.autograd.Function):
     @staticmethod
     def _backward(s, grad, z, weight, bias, lamb1, lamb2, dc_z):
         a, c, n = 1. + s * lamb2, s * (lamb1 - lamb2), grad.shape[-2]
-        grad_sum, g_dc, g_hf = split_products(grad, z, dc_z, a.dtype)
+        grad_sum, g_dc, g_hf, _ = split_products(grad, z, dc_z, a.dtype)
         w = weight.to(a.dtype)
         grad_z = torch.mm(grad.flatten(0, -2), (a[:, None] * w).to(grad.dtype)).view_as(z)
         grad_z += (grad_sum * (c / n) @ w).to(grad.dtype)  # d(c DC[y])/dz, per image
