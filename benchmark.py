@@ -62,8 +62,10 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import gpu_cost  # noqa: E402
 import models  # noqa: E402  (registers our variants in timm's registry)
 from engine import autocast  # noqa: E402  (the training loop's own mixed-precision context)
+from models.plugin import install  # noqa: E402
 from utils import peak_rss_mb  # noqa: E402
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
@@ -75,7 +77,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--models', nargs='+', default=['deit_small_12', 'attnscale_small_12', 'featscale_small_12'],
                    metavar='NAME', help='registered model names (ours or timm\'s); NAME+attnscale or NAME+featscale '
-                                        'installs that add-on into a timm ViT, CaiT or Swin (as main.py --addon)')
+                                        'installs that add-on into a timm ViT, CaiT or Swin (as main.py --addon), '
+                                        'NAME+plain this repository\'s attention modules without gains (their fair '
+                                        'reference)')
     p.add_argument('--reference', default=None, metavar='NAME',
                    help='model the ratios are computed against (default: the first of --models)')
     p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
@@ -102,6 +106,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--memory-steps', type=int, default=3, help='training steps each memory child runs')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--json', default='', metavar='OUT', help='write raw samples and the summary here')
+    p.add_argument('--cost', nargs='+', default=None, choices=sorted(gpu_cost.GPUS), metavar='GPU',
+                   help='instead of timing, predict each model\'s cost on these GPUs (h100, a100) from the ops one '
+                        'training step and one inference pass dispatch, shapes only (gpu_cost.py); no GPU needed')
 
     g = p.add_argument_group('input pipeline (--data)')
     g.add_argument('--data', action='store_true', help='benchmark the DeiT data transforms instead of models')
@@ -161,15 +168,11 @@ def reference_label(args) -> str:
     return ref if ref in labels else next(label for label, (name, _, _) in labels.items() if name == ref)
 
 
-def build(name: str, args, device: torch.device, dtype: str, attn_path: str = 'fused'):
-    """Model `name` on `device` in train mode, its AdamW optimizer, and its GradScaler (float16 only).
-
-    `attn_path` sets `fused_attn` on every module that has one (timm's attentions and ours).
-
-    AdamW with DeiT's defaults (lr 5e-4, weight decay 0.05): its step is part of the training step we time.
-    """
+def create(name: str, args) -> torch.nn.Module:
+    """Model `name` as --models names it (NAME+attnscale, NAME+featscale: that add-on installed; NAME+plain: this
+    repository's attention modules without gains), on the default device."""
     name, _, addon = name.partition('+')
-    kwargs = dict(num_classes=args.num_classes, img_size=args.img_size, addon=addon or None)
+    kwargs = dict(num_classes=args.num_classes, img_size=args.img_size, addon=addon if addon != 'plain' else None)
     kwargs.update(models.parse_model_kwargs(args.model_kwargs))
     try:
         model = models.create_model(name, **kwargs)
@@ -177,7 +180,17 @@ def build(name: str, args, device: torch.device, dtype: str, attn_path: str = 'f
         if 'img_size' not in str(exc):
             raise
         model = models.create_model(name, **{k: v for k, v in kwargs.items() if k != 'img_size'})
-    model = model.to(device).train()
+    return install(model) if addon == 'plain' else model
+
+
+def build(name: str, args, device: torch.device, dtype: str, attn_path: str = 'fused'):
+    """Model `name` on `device` in train mode, its AdamW optimizer, and its GradScaler (float16 only).
+
+    `attn_path` sets `fused_attn` on every module that has one (timm's attentions and ours).
+
+    AdamW with DeiT's defaults (lr 5e-4, weight decay 0.05): its step is part of the training step we time.
+    """
+    model = create(name, args).to(device).train()
     models.set_fused_attn(model, attn_path == 'fused')
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
     scaler = torch.amp.GradScaler(device.type) if dtype == 'float16' else None
@@ -591,6 +604,27 @@ def benchmark_models(args) -> dict:
     return payload
 
 
+def benchmark_cost(args) -> dict:
+    """--cost: every model's predicted GPU cost (gpu_cost.py), per --dtype and --attn-path, with ratios to the
+    reference, printed as a table; returns the JSON payload. Predictions, not measurements."""
+    accounts = {}
+    for label, (name, dtype, path) in variants(args).items():
+        model = gpu_cost.fake_model(lambda: create(name, args))
+        models.set_fused_attn(model, path == 'fused')
+        accounts[label] = {mode: gpu_cost.account(model, args.batch_size, args.img_size, args.num_classes,
+                                                  mode == 'train', DTYPES[dtype]) for mode in ('train', 'infer')}
+    gpus, ref = [gpu_cost.GPUS[g] for g in args.cost], reference_label(args)
+    summary = gpu_cost.summarize(accounts, ref, gpus)
+    print(f'predicted from the ops dispatched (not measured): training step = forward + loss + backward, inference '
+          f'= one forward; batch {args.batch_size}, {args.img_size} px, autocast {"/".join(args.dtype)}, '
+          f'{"/".join(args.attn_path)} attention; ' + ', '.join(f'{g.name}: {g.flops / 1e12:.0f} TFLOP/s, '
+                                                             f'{g.bandwidth / 1e12:.2f} TB/s' for g in gpus)
+          + f', {1e6 * gpu_cost.KERNEL_FLOOR_S:.0f} us per kernel; * = reference')
+    print(render_table(*gpu_cost.format_table(summary, ref, gpus)))
+    config = {k: v for k, v in vars(args).items() if k != 'memory_child'}
+    return dict(config=dict(config, reference=ref), summary=summary)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Input pipeline (--data)
 # ---------------------------------------------------------------------------------------------------------------
@@ -690,7 +724,7 @@ def main(argv=None) -> int:
         payload = benchmark_data(args)
     else:
         check_args(args)
-        payload = benchmark_models(args)
+        payload = benchmark_cost(args) if args.cost else benchmark_models(args)
     if args.json:
         write_json(args.json, payload)
         print(f'wrote {args.json}')
