@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from timm.models.cait import Cait
 from timm.models.swin_transformer import SwinTransformer
 
-from models import dc_hf_split, set_fused_attn
+from models import attnscale, dc_hf_split, set_fused_attn
 
 # first layer index of each per-layer metric of `batch_metrics` (see the numbering above)
 FIRST_LAYER = {
@@ -137,8 +137,8 @@ def probe(model: torch.nn.Module, images: torch.Tensor) -> dict:
       pre-hook), X_l the output of block l;
     - 'branch': [Y_1, ..., Y_L], each (B, N, C): the output of `blocks[l-1].attn` (for FeatScale
       models this is before FeatScale re-weights it; its effect shows in X_l);
-    - 'attn': [A_1, ..., A_L], each (B, H, N, N): the attention maps after AttnScale, seen by each
-      attention module's `attn_probe`;
+    - 'attn': [A_1, ..., A_L], each (B, H, N, N): the attention maps after AttnScale (each attention module's
+      `attn_probe` sees the map A, to which its lamb is applied here);
     - 'logits': the model output.
 
     The fused attention kernels never form the maps, so `fused_attn` is switched off on every module
@@ -160,8 +160,9 @@ def probe(model: torch.nn.Module, images: torch.Tensor) -> dict:
             handles.append(blk.register_forward_hook(lambda m, args, out: found['tokens'].append(_as_tokens(out))))
             if not swin:
                 handles.append(blk.attn.register_forward_hook(lambda m, args, out: found['branch'].append(out)))
-                handles.append(blk.attn.attn_probe.register_forward_hook(
-                    lambda m, args, out: found['attn'].append(out)))
+                handles.append(blk.attn.attn_probe.register_forward_hook(  # the map A; the module applies AttnScale
+                    lambda m, args, out, lamb=blk.attn.lamb: found['attn'].append(
+                        out if lamb is None else attnscale(out, lamb))))
         fused = {} if swin else set_fused_attn(model, False)
         with torch.no_grad():
             found['logits'] = model(images)

@@ -3,7 +3,6 @@
 from . import cait, deit, swin
 from .antioversmooth import attnscale, dc_hf_split, featscale, token_mean
 from .checkpoint import load_checkpoint, load_state_dict
-from .fused import (attnscale_fused, attnscale_map, attnscale_qkv, attnscale_softmax, attnscale_tokens,
-                    featscale_linear)
+from .fused import attnscale_projection, featscale_projection, qkv_heads, qkv_heads_and_mean
 from .plugin import ADDONS, apply_addon, set_fused_attn
 from .registry import create_model, list_variants, parse_model_kwargs

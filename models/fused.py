@@ -1,38 +1,43 @@
-"""AttnScale and FeatScale fused with the operations around them, so that they keep nothing extra for backward.
+"""AttnScale and FeatScale fused with the operations around them: no N x N map, nothing extra kept for backward,
+and a handful of small kernels beyond the plain block's, on every device.
 
-The formulas are those of `antioversmooth.py`, rearranged:
-- `attnscale_qkv`: AttnScale through a fused attention kernel, on the values, in the qkv projection (A'v = A v');
-- `attnscale_tokens`: the same after a kernel that keeps no A v, A'v = (1 + lamb) A v - lamb DC[v], as tokens;
-- `attnscale_fused`: that formula in plain autograd (costs one tensor where the kernel keeps A v);
-- `attnscale_map`, `attnscale_softmax`: AttnScale on an explicit map (or on the softmax that forms it), keeping
-  only its output;
-- `featscale_linear`: FeatScale together with the projection that produces y (y itself is not kept).
-Each is exact: the same numbers to rounding (with zero gains, the plain operation's bit for bit). The two
-with a projection form DC and the gains' gradients from the projection's input and its weight gradient's
-product, not from a pass over their output, and apply the gains through the product itself on the CPU in
-float32 and float64 (`affine_linear`). Under TorchScript and torch.compile, where the custom autograd
-Functions below do not run, the same formulas run through plain autograd.
+The formulas are those of `antioversmooth.py`, rearranged so that the attention kernel and both projections run
+as in the plain model and the add-ons act through the output projection's weight and a per-image bias:
+
+- AttnScale, for any map A (softmax, talking heads, masked windows): A'v = (1 + lamb) A v - lamb DC[v]. The
+  gain scales the projection's input channels, W (1 + lamb), and -lamb DC[v] W^T joins its bias per image
+  (`attnscale_projection`). DC[v] comes from splitting the qkv projection's output into heads
+  (`qkv_heads_and_mean`), whose backward writes the qkv gradient in one pass and adds DC[v]'s gradient to it.
+- FeatScale on the projection's output y = z W^T + b: y' = (1 + s lamb2) HF[y] + (1 + s lamb1) DC[y], with
+  DC[y] = DC[z] W^T + b. The HF gain scales the weight's rows, the rest is a per-image bias
+  (`featscale_projection`).
+
+Backward forms the gains' gradients from the projection's weight-gradient product g^T z (the C x C matrix the
+plain projection forms anyway) and per-image token sums of g (which replace the plain bias gradient's sum):
+Sum g . HF[y] = W . (g^T z - S^T DC[z]) per channel. No division by (1 + lamb) occurs, so every gain value is
+exact, -1 included. What each form costs on a GPU is in docs/performance.md (`benchmark.py --cost`).
+Under TorchScript, torch.compile and tracing, where the custom Functions below do not run, the same formulas run
+through plain autograd (`_plain_*`).
 """
 import contextlib
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-from . import antioversmooth
-from .antioversmooth import featscale
+from .antioversmooth import as_gain, featscale
 
 
 def autocast_off(device_type: str):
-    """Autocast disabled, for hand-written backwards that cast for themselves (a no-op where the device has none)."""
+    """Autocast disabled (a no-op where the device has none), for steps that choose their own dtypes."""
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
 
 def autocast_input(z: torch.Tensor) -> torch.Tensor:
-    """z as autocast's linear would take it: in the autocast dtype where autocast is on. The Functions below
-    run their projection inside and keep this copy for backward, where autocast's linear would keep it."""
+    """z as autocast's linear would take it: in the autocast dtype where autocast is on."""
     device = z.device.type
     if z.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.amp.is_autocast_available(device) \
             and torch.is_autocast_enabled(device):
@@ -40,277 +45,221 @@ def autocast_input(z: torch.Tensor) -> torch.Tensor:
     return z
 
 
-def input_mean(z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype) -> tuple:
-    """(DC[z] (B, 1, K), DC[z W^T + b] = DC[z] W^T + b (B, 1, C)) in `dtype`: the token mean of a projection
-    from that of its input, without a pass over its output."""
-    with autocast_off(z.device.type):
-        dc_z = z.sum(dim=-2, keepdim=True, dtype=dtype) / z.shape[-2]
-        dc = dc_z @ weight.to(z.dtype).to(dtype).t()  # the weight as the product used it (autocast rounds it)
-        if bias is not None:
-            dc += bias.to(z.dtype)
-        return dc_z, dc
+def plain_autograd() -> bool:
+    """Whether the custom Functions cannot run here (torch.compile, tracing): use the formulas. Callers test
+    `torch.jit.is_scripting()` beside it, in the same condition, so that TorchScript drops the Functions."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
-def affine_linear(z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: torch.Tensor,
-                  shift: torch.Tensor, start: int = 0) -> torch.Tensor:
-    """F.linear(z, weight, bias) with its output channels from `start` on taken to y * scale + shift: scale
-    (O - start,) per channel, shift (..., 1, O - start) per image, both in float32 or wider.
+def _heads(qkv: torch.Tensor, num_heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, H, N, d) as views of qkv (B, N, 3 H d), as timm splits them."""
+    q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
 
-    On the CPU in float32 and float64, F.linear of a contiguous z writes its bias into the output and adds
-    the product onto it. Here the scale goes into those weight rows and the shift into a per-image bias
-    written the same way, so no pass over the output follows the product (scale 1 and shift 0 give
-    F.linear's bits). Elsewhere those channels are rescaled in place after the product: CUDA adds the bias
-    inside its product; in float16/bfloat16 scale * W would be rounded to the activation's dtype (1 + lamb
-    is 1 in bfloat16 for |lamb| < 2^-9); and where z has fewer rows than W, copying W costs more than the
-    rescale."""
-    fold = (z.device.type == 'cpu' and z.dtype in (torch.float32, torch.float64) and scale.dtype == z.dtype
-            and z.is_contiguous() and (bias is None or bias.is_contiguous())
-            and z.numel() // z.shape[-1] >= weight.shape[0])
-    if not fold:
-        y = F.linear(z, weight, bias)
-        part = y[..., start:]
-        torch.addcmul(shift, part, scale, out=part)
+
+def _token_mean(v: torch.Tensor) -> torch.Tensor:
+    """DC[v] (B, H, 1, d) in float32 or wider."""
+    return v.mean(dim=-2, keepdim=True, dtype=torch.promote_types(v.dtype, torch.float32))
+
+
+class QKVHeads(torch.autograd.Function):
+    """q, k, v views of the qkv projection's output. Backward stacks their gradients into qkv's layout in one
+    pass (autograd's own split copies them twice: a stack, then a reshape of the permuted stack)."""
+
+    @staticmethod
+    def forward(ctx, qkv, num_heads):
+        return _heads(qkv, num_heads)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        grad = torch.stack([g.transpose(1, 2) for g in (grad_q, grad_k, grad_v)], dim=2)  # (B, N, 3, H, d)
+        return grad.flatten(2), None
+
+
+class QKVHeadsAndMean(torch.autograd.Function):
+    """`QKVHeads` and DC[v] (B, H, 1, d), float32: backward adds DC[v]'s gradient / N to v's as it writes it."""
+
+    @staticmethod
+    def forward(ctx, qkv, num_heads):
+        q, k, v = _heads(qkv, num_heads)
+        return q, k, v, _token_mean(v)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_q, grad_k, grad_v, grad_mean):
+        B, H, N, d = grad_v.shape
+        grad = torch.empty(B, N, 3, H, d, dtype=grad_v.dtype, device=grad_v.device)
+        grad[:, :, 0] = grad_q.transpose(1, 2)
+        grad[:, :, 1] = grad_k.transpose(1, 2)
+        torch.add(grad_v.transpose(1, 2), grad_mean.transpose(1, 2), alpha=1. / N, out=grad[:, :, 2])
+        return grad.flatten(2), None
+
+
+def qkv_heads(qkv: torch.Tensor, num_heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, H, N, d) from the qkv projection's output (B, N, 3 H d), as timm's reshape/permute/unbind."""
+    if torch.jit.is_scripting() or plain_autograd():
+        return _heads(qkv, num_heads)
+    return QKVHeads.apply(qkv, num_heads)
+
+
+def qkv_heads_and_mean(qkv: torch.Tensor, num_heads: int):
+    """`qkv_heads` and DC[v], the token mean of the values (B, H, 1, d), in float32 (AttnScale's DC term)."""
+    if torch.jit.is_scripting() or plain_autograd():
+        q, k, v = _heads(qkv, num_heads)
+        return q, k, v, _token_mean(v)
+    return QKVHeadsAndMean.apply(qkv, num_heads)
+
+
+def _gain_dtype(lamb: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(lamb.dtype, torch.float32)
+
+
+def _scaled(weight: torch.Tensor, gain: torch.Tensor, dtype: torch.dtype, value: float = 1.,
+            per_head: bool = False) -> torch.Tensor:
+    """weight * (1 + value * gain) in `dtype` (the product's), formed in float32 or wider and rounded once: gain
+    (out,) scales rows; with `per_head`, gain (H,) scales each head's block of input channels."""
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    if per_head:
+        shape, gain = (weight.shape[0], gain.numel(), -1), gain.view(-1, 1)
+    else:
+        shape, gain = (weight.shape[0], -1), gain.view(-1, 1)
+    torch.addcmul(weight.view(shape), weight.view(shape), gain, value=value, out=out.view(shape))
+    return out
+
+
+class AttnScaleProjection(torch.autograd.Function):
+    """The output projection of AttnScale's attention: (A'v) W^T + b from o = A v (B, N, C), per image.
+
+    A'v = (1 + lamb) o - lamb DC[v] per head, so the projection is o W'^T + (b - (lamb DC[v]) W^T) with
+    W' = W (1 + lamb) on each head's input channels: one product and one per-image bias. Backward, with
+    g the output's gradient, S its token sums per image and Q = g^T o (the plain weight gradient's product):
+    R = Q - S^T DC[v] = g^T (o - DC[v]); dW = Q + lamb R; d(lamb) = Sum over each head's columns of W . R;
+    d(DC[v]) = -lamb (S W). Keeps o and W' (as the plain projection keeps o and its weight) and DC[v].
+    """
+
+    @staticmethod
+    def forward(ctx, o, weight, bias, lamb, mean):
+        B, N, C = o.shape
+        heads = lamb.numel()
+        with autocast_off(o.device.type):
+            w_scaled = _scaled(weight, lamb, o.dtype, per_head=True)
+            y = F.linear(o, w_scaled, None if bias is None else bias.to(o.dtype))
+            shift = (mean.view(B, heads, -1) * lamb.view(heads, 1)).view(B, C)  # lamb DC[v]
+            y.sub_(torch.mm(shift, weight.to(lamb.dtype).t()).unsqueeze(1))
+        ctx.save_for_backward(o, weight, lamb, mean, w_scaled if w_scaled.dtype != weight.dtype else None)
+        ctx.has_bias = bias is not None
         return y
-    head = weight.new_zeros(start) if bias is None else bias[:start]
-    tail = shift if bias is None else shift + bias[start:] * scale
-    per_image = torch.cat([head.expand(*tail.shape[:-1], start), tail], dim=-1)
-    scaled = torch.cat([weight[:start], weight[start:] * scale[:, None]])
-    y = per_image.expand(*z.shape[:-1], weight.shape[0]).contiguous()
-    y.view(-1, y.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]), scaled.t())
-    return y
-
-
-def split_products(grad: torch.Tensor, z: torch.Tensor, dc_z: torch.Tensor, dtype: torch.dtype,
-                   start: int = 0) -> tuple:
-    """The projection's weight gradient g^T z (over all tokens), with its rows from `start` on split for the
-    gains: (sum_n g (..., 1, C), g^T DC[z], g^T HF[z] (C x K), in `dtype`, for the C channels from `start` on;
-    g^T z for the channels before `start`, in grad's dtype). float32 and wider activations take all of it
-    from one product g^T z, the HF part by subtraction. float16/bfloat16 ones form the HF part from HF[z]
-    (one temporary the size of z, in z's dtype), so that rounding a DC-dominated g^T z does not take the HF
-    part's digits with it."""
-    tail = grad[..., start:]
-    grad_sum = tail.sum(dim=-2, keepdim=True, dtype=dtype)
-    g_dc = grad_sum.flatten(0, -2).t() @ dc_z.flatten(0, -2)  # (C, B) @ (B, K)
-    grad2, z2 = grad.flatten(0, -2), z.flatten(0, -2)
-    if grad.element_size() >= 4:
-        full = torch.mm(grad2.t(), z2)
-        return grad_sum, g_dc, full[start:].to(dtype) - g_dc, full[:start]
-    hf = torch.sub(z, dc_z, out=torch.empty_like(z))  # subtracted in `dtype`, rounded once
-    g_hf = torch.mm(tail.flatten(0, -2).t(), hf.flatten(0, -2)).to(dtype)
-    return grad_sum, g_dc, g_hf, torch.mm(grad2[:, :start].t(), z2)
-
-
-class AttnScaleQKV(torch.autograd.Function):
-    """qkv = z W^T + b with AttnScale applied to its values v (the last third): v' in v's place.
-
-    A' v = A v' with v' = DC[v] + (1 + lamb) HF[v] per head (A_dc v = DC[v] in every row, A DC[v] = DC[v]
-    for row-stochastic A). Running the projection here makes qkv this Function's own output, so the
-    in-place rescale costs autograd no copy of qkv's gradient, as it would on a view of it. Everything is
-    formed from the projection's input z, which it keeps anyway: DC[v] = DC[z] W_v^T + b_v, and in backward
-    d(loss)/d(lamb) = sum g . HF[v] = sum over each head's rows of W_v . (g^T HF[z]), from the weight
-    gradient's own product; the only passes beyond the projection's are DC[z], the rescale (none on the CPU
-    in float32 and float64, `affine_linear`), sum_n g and the DC[g] term of z's gradient (and HF[z] in float16/bfloat16,
-    `split_products`).
-    """
 
     @staticmethod
-    def forward(ctx, z, weight, bias, lamb):
-        k = 2 * weight.shape[0] // 3
-        dc_z, dc = input_mean(z, weight[k:], None if bias is None else bias[k:], lamb.dtype)
-        lamb_c = lamb.repeat_interleave(dc.shape[-1] // lamb.numel())  # per value channel
-        ctx.save_for_backward(z, weight, lamb, dc_z)
-        return affine_linear(z, weight, bias, 1. + lamb_c, -lamb_c * dc, start=k)  # v' = (1 + lamb) v - lamb DC[v]
-
-    @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
+        o, weight, lamb, mean, w_scaled = ctx.saved_tensors
+        B, N, C = o.shape
+        heads, gd = lamb.numel(), lamb.dtype
+        per_head = (-1, heads, C // heads)
         with autocast_off(grad.device.type):
-            return AttnScaleQKV._backward(ctx.needs_input_grad[2], grad, *ctx.saved_tensors)
-
-    @staticmethod
-    def _backward(bias_needs_grad, grad, z, weight, lamb, dc_z):
-        k, n = 2 * grad.shape[-1] // 3, grad.shape[-2]
-        lamb_c = lamb.repeat_interleave((grad.shape[-1] - k) // lamb.numel())  # per value channel
-        grad_sum, g_dc, g_hf, g_qk = split_products(grad, z, dc_z, lamb.dtype, start=k)
-        grad2, w_v = grad.flatten(0, -2), weight[k:].to(lamb.dtype)
-        w_scaled = torch.cat([weight[:k].to(grad.dtype), (w_v * (1. + lamb_c[:, None])).to(grad.dtype)])
-        grad_z = torch.mm(grad2, w_scaled).view_as(z)
-        grad_z -= (grad_sum * (lamb_c / n) @ w_v).to(grad.dtype)  # d(-lamb DC[v])/dz, per image
-        grad_w = torch.cat([g_qk, (g_hf * (1. + lamb_c[:, None]) + g_dc).to(grad.dtype)])
-        grad_b = None
-        if bias_needs_grad:  # in float32, as the value part's sums are
-            grad_b = torch.cat([grad2[:, :k].sum(0, dtype=lamb.dtype), grad_sum.flatten(0, -2).sum(0)])
-        grad_lamb = (g_hf * w_v).sum(-1).view(lamb.numel(), -1).sum(-1)
-        return grad_z.to(z.dtype), grad_w.to(weight.dtype), grad_b, grad_lamb
-
-
-def attnscale_qkv(z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lamb: torch.Tensor,
-                  num_heads: int) -> torch.Tensor:
-    """The qkv projection F.linear(z, weight, bias) (B, N, 3C) with AttnScale folded into its values, for a
-    fused attention kernel: attention over the returned q, k, v' gives A' v. Exact whenever no dropout acts on
-    A; with zero gains, the projection bit for bit. Keeps only DC[z] (B, 1, K) beyond what the projection
-    and the kernel keep."""
-    if torch.jit.is_scripting() or torch.compiler.is_compiling():  # no custom Function there; same formula
-        qkv = F.linear(z, weight, bias)
-        v = qkv[..., 2 * qkv.shape[-1] // 3:].unflatten(-1, (num_heads, -1)).transpose(-2, -3)  # (B, H, N, d)
-        v.copy_(attnscale_fused(v.clone(), v, lamb))
-        return qkv
-    z = autocast_input(z)
-    return AttnScaleQKV.apply(z, weight, bias, antioversmooth.as_gain(lamb, z))
+            if w_scaled is None:
+                w_scaled = _scaled(weight, lamb, o.dtype, per_head=True)
+            w, mean = weight.to(gd), mean.view(B, C)
+            sums = grad.sum(dim=1, dtype=gd)  # (B, C_out)
+            grad_o = torch.matmul(grad, w_scaled)
+            grad2, o2 = grad.reshape(-1, grad.shape[-1]).t(), o.reshape(-1, C)
+            if o.dtype == gd:
+                q = torch.mm(grad2, o2)  # g^T o
+                r = torch.addmm(q, sums.t(), mean, alpha=-1)  # g^T (o - DC[v])
+                grad_w = q.view(per_head).addcmul_(r.view(per_head), lamb.view(heads, 1))
+            else:  # g^T o is dominated by S^T DC[v]: take it out inside the product, before its output is rounded
+                dc = torch.mm(sums.t(), mean)
+                dc_low = dc.to(o.dtype)
+                r = torch.sub(dc_low, dc).add_(dc_low.addmm_(grad2, o2, beta=-1))
+                grad_w = dc.add_(r).view(per_head).addcmul_(r.view(per_head), lamb.view(heads, 1))  # g^T o + lamb R
+            grad_lamb = (w.view(per_head) * r.view(per_head)).sum(dim=(0, 2))
+            grad_mean = torch.addmm(mean, sums, w, beta=0, alpha=-1).view(B, heads, 1, -1).mul_(lamb.view(heads, 1, 1))
+            grad_b = sums.sum(0) if ctx.has_bias else None
+        return (grad_o, grad_w.view_as(weight).to(weight.dtype), None if grad_b is None else grad_b.to(weight.dtype),
+                grad_lamb, grad_mean)
 
 
-class AttnScaleTokens(torch.autograd.Function):
-    """A'v = (1 + lamb) A v - lamb DC[v] from a kernel's output out = A v (B, H, N, d), written as tokens
-    (B, N, H d), the layout the output projection takes (which then keeps this output as its input).
-
-    Backward keeps only that output and DC[v]: d(A'v)/d(lamb) = A v - DC[v] = (A'v - DC[v]) / (1 + lamb).
-    """
-
-    @staticmethod
-    def forward(ctx, out, v, lamb):
-        B, H, N, d = out.shape
-        lamb_ = lamb.view(-1, 1, 1)
-        dc = v.mean(dim=-2, keepdim=True, dtype=lamb.dtype)
-        tokens = torch.empty(B, N, H, d, dtype=out.dtype, device=out.device)
-        torch.addcmul(-lamb_ * dc, out, 1. + lamb_, out=tokens.transpose(1, 2))
-        tokens = tokens.flatten(-2)
-        ctx.save_for_backward(tokens, dc, lamb)
-        return tokens
-
-    @staticmethod
-    def backward(ctx, grad):
-        tokens, dc, lamb = ctx.saved_tensors
-        lamb_, per_head = lamb.view(-1, 1, 1), (lamb.numel(), -1)
-        grad, tokens = grad.unflatten(-1, per_head).transpose(1, 2), tokens.unflatten(-1, per_head).transpose(1, 2)
-        grad_out = (grad * (1. + lamb_)).to(grad.dtype)
-        grad_v = grad.sum(dim=-2, keepdim=True, dtype=lamb.dtype) * (-lamb_ / grad.shape[-2])
-        grad_lamb = (tokens - dc).mul_(grad).sum(dim=(0, 2, 3)) / (1. + lamb)
-        return grad_out, grad_v.to(grad.dtype).expand_as(grad), grad_lamb
+def _attnscale_tokens(o: torch.Tensor, mean: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
+    """A'v = (1 + lamb) o - lamb DC[v] (B, N, C) from o = A v (B, N, C) and DC[v] (B, H, 1, d), by plain autograd."""
+    B, N, C = o.shape
+    lamb = as_gain(lamb, o).view(-1, 1)
+    heads = o.reshape(B, N, lamb.shape[0], C // lamb.shape[0])
+    out = torch.addcmul(-lamb * mean.reshape(B, 1, lamb.shape[0], C // lamb.shape[0]), heads, 1. + lamb)
+    return out.to(o.dtype).reshape(B, N, C)
 
 
-def attnscale_tokens(out: torch.Tensor, v: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
-    """AttnScale after a fused kernel, as tokens: attnscale_fused(out, v, lamb).transpose(1, 2) flattened to
-    (B, N, C). For kernels that do not keep A v (a masked one that falls back to plain matrix products):
-    keeps only DC[v] beyond the output, which the projection keeps anyway."""
-    if torch.jit.is_scripting() or torch.compiler.is_compiling():  # no custom Function there; same formula
-        return attnscale_fused(out, v, lamb).transpose(1, 2).flatten(-2)
-    return AttnScaleTokens.apply(out, v, antioversmooth.as_gain(lamb, out))
+def attnscale_projection(o: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lamb: torch.Tensor,
+                         mean: torch.Tensor) -> torch.Tensor:
+    """F.linear(A'v, weight, bias) from the attention output o = A v (B, N, C, heads concatenated), DC[v]
+    (B, H, 1, d) from `qkv_heads_and_mean` and the per-head gains lamb (H,): AttnScale through the projection,
+    for any map A. Exact whenever no dropout acts on A; zero gains give F.linear(o, weight, bias)'s numbers."""
+    if torch.jit.is_scripting() or plain_autograd():
+        return F.linear(_attnscale_tokens(o, mean, lamb), weight, bias)
+    o = autocast_input(o)
+    return AttnScaleProjection.apply(o, weight, bias, as_gain(lamb, o), mean)
 
 
-class AttnScaleMap(torch.autograd.Function):
-    """attnscale(attn, lamb) on an explicit map, written contiguous so that the product A' v keeps this very
-    tensor, and keeping only it for backward: d(A')/d(lamb) = A - 1/N = (A' - 1/N) / (1 + lamb)."""
+class FeatScaleProjection(torch.autograd.Function):
+    """FeatScale on the projection y = z W^T + b (B, N, C): y' = a2 HF[y] + a1 DC[y], a2 = 1 + s lamb2,
+    a1 = 1 + s lamb1, written as (z (a2 W)^T + a2 b) + s (lamb1 - lamb2) DC[y] with DC[y] = DC[z] W^T + b.
 
-    @staticmethod
-    def forward(ctx, attn, lamb):
-        lamb_ = lamb.view(-1, 1, 1)
-        scaled = torch.empty(attn.shape, dtype=attn.dtype, device=attn.device)
-        torch.sub(attn * (1. + lamb_), lamb_ / attn.shape[-1], out=scaled)  # antioversmooth.attnscale
-        ctx.save_for_backward(scaled, lamb)
-        return scaled
-
-    @staticmethod
-    def backward(ctx, grad):
-        scaled, lamb = ctx.saved_tensors
-        lamb_ = lamb.view(-1, 1, 1)
-        grad_attn = (grad * (1. + lamb_)).to(grad.dtype)
-        hf = scaled.to(lamb.dtype) - 1. / scaled.shape[-1]
-        return grad_attn, hf.mul_(grad).sum_to_size(lamb_.shape).view(-1) / (1. + lamb)
-
-
-def attnscale_map(attn: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
-    """attnscale(attn, lamb), bit for bit, keeping nothing for backward but its output: for maps that nothing
-    else keeps (CaiT's talking-heads mix, permuted; after a softmax, the softmax keeps its own output anyway)."""
-    if torch.jit.is_scripting() or torch.compiler.is_compiling():  # no custom Function there; same formula
-        return antioversmooth.attnscale(attn, lamb)
-    return AttnScaleMap.apply(attn, antioversmooth.as_gain(lamb, attn))
-
-
-class AttnScaleSoftmax(torch.autograd.Function):
-    """attnscale(softmax(logits), lamb), keeping only its output A' for backward (the product A' v keeps it
-    anyway) where the two apart keep A as well: A - 1/N = (A' - 1/N) / (1 + lamb) gives d(A')/d(lamb) and,
-    with A, the softmax's gradient."""
-
-    @staticmethod
-    def forward(ctx, logits, lamb):
-        scaled = antioversmooth.attnscale(logits.softmax(dim=-1), lamb)
-        ctx.save_for_backward(scaled, lamb)
-        return scaled
-
-    @staticmethod
-    def backward(ctx, grad):
-        scaled, lamb = ctx.saved_tensors
-        lamb_, n = lamb.view(-1, 1, 1), scaled.shape[-1]
-        hf = (scaled - 1. / n).div_(1. + lamb_)  # A - 1/N
-        grad_lamb = (hf * grad).sum_to_size(lamb_.shape).view(-1)
-        attn, grad_attn = hf.add_(1. / n), grad * (1. + lamb_)
-        return attn * (grad_attn - (grad_attn * attn).sum(dim=-1, keepdim=True)), grad_lamb
-
-
-def attnscale_softmax(logits: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
-    """attnscale(logits.softmax(-1), lamb), bit for bit: the explicit attention path's AttnScale at the memory
-    of the plain path. float32 and float64 logits run as one step that keeps only the scaled map; float16 and
-    bfloat16 ones run apart (there A' would be a second rounding of A; and where autocast takes the softmax
-    to float32, the product with v keeps its low-precision copy of A', not A', so the two apart keep no more)."""
-    if torch.jit.is_scripting() or torch.compiler.is_compiling() or logits.element_size() < 4:
-        return antioversmooth.attnscale(logits.softmax(dim=-1), lamb)
-    return AttnScaleSoftmax.apply(logits, antioversmooth.as_gain(lamb, logits))
-
-
-def attnscale_fused(out: torch.Tensor, v: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
-    """AttnScale applied after attention: A'v = (1 + lamb) (A v) - lamb DC[v].
-
-    out = A v (B, H, N, d) from a fused kernel, v (B, H, N, d). Exact, valid whenever no dropout is
-    applied to A. Keeps A v for backward (one more tensor where the kernel keeps it too, as flash kernels do);
-    `attnscale_qkv` and `attnscale_tokens` keep nothing more than the kernel and the projection.
-    """
-    lamb = antioversmooth.as_gain(lamb, out).view(-1, 1, 1)
-    dc = v.mean(dim=-2, keepdim=True, dtype=lamb.dtype)
-    return torch.addcmul(-lamb * dc, out, 1. + lamb).to(out.dtype)
-
-
-class FeatScaleLinear(torch.autograd.Function):
-    """FeatScale(z W^T + b): the projection y = z W^T + b and FeatScale on y in one step (`affine_linear`).
-
-    Everything is formed from the projection's input z, which it keeps anyway: DC[y] = DC[z] W^T + b, and
-    with y' = a y + c DC[y] (a = 1 + s lamb2, c = s (lamb1 - lamb2)) the gains' gradients are sums over
-    tokens of g . HF[y] = W . (g^T HF[z]) and g . DC[y] = W . (g^T DC[z]) + b sum g, from the weight
-    gradient's own product. Backward keeps z, DC[z] and the parameters, not y.
+    Backward, with g the output's gradient, S its token sums and Q = g^T z: dW = a2 Q + c (S^T DC[z]),
+    c = s (lamb1 - lamb2); db = a1 Sum S; d(lamb2) = s W . (Q - S^T DC[z]) per row; d(lamb1) = s Sum_b S DC[y];
+    dz = g (a2 W) + (c S) W / N per image. Keeps what the plain projection keeps (z, and a2 W where the product
+    runs in another dtype than the weight, as autocast keeps its copy), the token means DC[z] and DC[y] and
+    lamb1 - lamb2; not y.
     """
 
     @staticmethod
     def forward(ctx, z, weight, bias, lamb1, lamb2, repeat):
-        dc_z, dc = input_mean(z, weight, bias, lamb1.dtype)
-        ctx.repeat = repeat
-        ctx.save_for_backward(z, weight, bias, lamb1, lamb2, dc_z)
-        return affine_linear(z, weight, bias, 1. + repeat * lamb2, repeat * (lamb1 - lamb2) * dc)
+        gd = lamb1.dtype
+        with autocast_off(z.device.type):
+            mean = z.mean(dim=-2, dtype=gd)  # (B, K)
+            w = weight.to(gd)
+            if bias is None:
+                mean_y = torch.mm(mean, w.t()).mul_(repeat)
+            else:
+                mean_y = torch.addmm(bias.to(gd), mean, w.t(), beta=repeat, alpha=repeat)  # s DC[y]
+            w_scaled = _scaled(weight, lamb2, z.dtype, repeat)
+            y = F.linear(z, w_scaled, None if bias is None else _scaled(bias, lamb2, z.dtype, repeat))
+            gap = torch.sub(lamb1, lamb2)
+            y.addcmul_(mean_y.unsqueeze(1), gap)
+        ctx.repeat, ctx.has_bias = repeat, bias is not None
+        ctx.save_for_backward(z, weight, bias, lamb1, lamb2, mean, mean_y, gap,
+                              w_scaled if w_scaled.dtype != weight.dtype else None)
+        return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
+        z, weight, bias, lamb1, lamb2, mean, mean_y, gap, w_scaled = ctx.saved_tensors
+        s, gd, (B, N, K) = ctx.repeat, lamb1.dtype, z.shape
         with autocast_off(grad.device.type):
-            return *FeatScaleLinear._backward(ctx.repeat, grad, *ctx.saved_tensors), None
+            if w_scaled is None:
+                w_scaled = _scaled(weight, lamb2, z.dtype, s)
+            w = weight.to(gd)
+            sums = grad.sum(dim=1, dtype=gd)  # (B, C)
+            grad_z = torch.matmul(grad, w_scaled)
+            gap_sums = sums * gap
+            grad_z.add_(torch.mm(gap_sums, w).unsqueeze(1), alpha=s / N)  # d(c DC[y])/dz, per image
+            q = torch.mm(grad.reshape(-1, grad.shape[-1]).t(), z.reshape(-1, K)).to(gd)
+            hf = torch.addmm(q, sums.t(), mean, beta=s, alpha=-s)  # s g^T (z - DC[z])
+            grad_lamb2 = torch.bmm(w.unsqueeze(1), hf.unsqueeze(2)).view(-1)  # s Sum g . HF[y], per channel
+            grad_lamb1 = (sums * mean_y).sum(0)  # s Sum g . DC[y]
+            grad_w = q.addcmul_(q, lamb2.view(-1, 1), value=s).addmm_(gap_sums.t(), mean, alpha=s)
+            grad_b = None
+            if ctx.has_bias:
+                total = sums.sum(0)
+                grad_b = torch.addcmul(total, total, lamb1, value=s).to(bias.dtype)
+        return grad_z, grad_w.to(weight.dtype), grad_b, grad_lamb1, grad_lamb2, None
 
-    @staticmethod
-    def _backward(s, grad, z, weight, bias, lamb1, lamb2, dc_z):
-        a, c, n = 1. + s * lamb2, s * (lamb1 - lamb2), grad.shape[-2]
-        grad_sum, g_dc, g_hf, _ = split_products(grad, z, dc_z, a.dtype)
-        w = weight.to(a.dtype)
-        grad_z = torch.mm(grad.flatten(0, -2), (a[:, None] * w).to(grad.dtype)).view_as(z)
-        grad_z += (grad_sum * (c / n) @ w).to(grad.dtype)  # d(c DC[y])/dz, per image
-        grad_w = a[:, None] * g_hf + (a + c)[:, None] * g_dc
-        grad_total, sum_g_dc = grad_sum.flatten(0, -2).sum(0), (g_dc * w).sum(-1)
-        if bias is not None:
-            sum_g_dc = sum_g_dc + grad_total * bias.to(a.dtype)
-        grad_b = None if bias is None else ((a + c) * grad_total).to(bias.dtype)
-        sum_g_hf = (g_hf * w).sum(-1)
-        return grad_z.to(z.dtype), grad_w.to(weight.dtype), grad_b, s * sum_g_dc, s * sum_g_hf
 
-
-def featscale_linear(z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lamb1: torch.Tensor,
-                     lamb2: torch.Tensor, repeat: float = 1.) -> torch.Tensor:
-    """featscale(F.linear(z, weight, bias), lamb1, lamb2, repeat) (B, N, C), to rounding, keeping for backward
-    only what the projection keeps (z) and DC[z]: FeatScale on the projection that produces y."""
-    if torch.jit.is_scripting() or torch.compiler.is_compiling():  # no custom Function there; same formula
+def featscale_projection(z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lamb1: torch.Tensor,
+                         lamb2: torch.Tensor, repeat: float = 1.) -> torch.Tensor:
+    """featscale(F.linear(z, weight, bias), lamb1, lamb2, repeat) (B, N, C), to rounding, keeping for backward only
+    what the projection keeps (z and its weight) and two token means: FeatScale fused with the projection."""
+    if torch.jit.is_scripting() or plain_autograd():
         return featscale(F.linear(z, weight, bias), lamb1, lamb2, repeat)
     z = autocast_input(z)
-    lamb1, lamb2 = antioversmooth.as_gain(lamb1, z), antioversmooth.as_gain(lamb2, z)
-    return FeatScaleLinear.apply(z, weight, bias, lamb1, lamb2, repeat)
+    return FeatScaleProjection.apply(z, weight, bias, as_gain(lamb1, z), as_gain(lamb2, z), repeat)

@@ -10,14 +10,13 @@ and gives them the add-on's gains, named as in the released checkpoints and zero
 FeatScale acts once on the attention-branch output, before layer scale and drop path. The maths is
 `antioversmooth.py` (its fused forms: `fused.py`); a subclass only decides where it acts. With zero
 gains every subclass computes what timm's module computes, bit for bit, on the same (fused or explicit)
-attention path. Where the attention runs fused (`scaled_dot_product_attention`), AttnScale stays fused
-through the exact identity A'v = A v' with v' = DC[v] + (1 + lamb) HF[v] (A's rows sum to one); in ViT
-it is applied to the values inside the qkv projection (`attnscale_qkv`), so it keeps no extra tensor for
-backward. The explicit path shows each map to `attn_probe`, an identity whose forward hooks see it
-(diagnostics.py). In ViT, CaiT and Swin blocks FeatScale runs fused with the attention's output
-projection for the same reason (`FeatScaleProjection`). In Swin that projection then runs after the
-windows are merged, over whole images: the same row-by-row products, bit for bit on CPU, though a GPU
-library may pick another kernel for the other shape.
+attention path. The attention itself runs as in the plain model, fused kernel or explicit map: AttnScale
+acts through the output projection, by the identity A'v = (1 + lamb) A v - lamb DC[v], which holds for
+any map (`attnscale_projection`), and FeatScale is fused with that projection (`featscale_projection`),
+so neither keeps an extra tensor for backward. In Swin that projection then runs after the windows are
+merged, over whole images: the same row-by-row products, bit for bit on CPU, though a GPU library may
+pick another kernel for the other shape. The explicit path shows each map to `attn_probe`, an identity
+whose forward hooks see it (diagnostics.py).
 """
 from typing import Optional
 
@@ -29,8 +28,8 @@ from timm.models.cait import Cait, LayerScaleBlock, TalkingHeadAttn
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .antioversmooth import featscale
-from .fused import attnscale_map, attnscale_qkv, attnscale_softmax, attnscale_tokens, featscale_linear
+from .antioversmooth import attnscale, featscale
+from .fused import attnscale_projection, featscale_projection, plain_autograd, qkv_heads, qkv_heads_and_mean
 from .checkpoint import ADDON_KEY
 
 ADDONS = ('attnscale', 'featscale')
@@ -38,49 +37,86 @@ SUPPORTED = ('timm VisionTransformer (and subclasses) with Block + Attention blo
              'timm Cait (self-attention stage), timm SwinTransformer')
 
 
-class ViTAttention(Attention):
-    """timm's `Attention` with optional AttnScale (`lamb`, per head) on the post-softmax map."""
+class AttnScaleAttention:
+    """What every attention subclass below shares: where AttnScale acts and what the diagnostics see.
+
+    AttnScale acts through the output projection (`attnscale_projection`: A'v = (1 + lamb) A v - lamb DC[v]),
+    so the attention itself, fused kernel or explicit map, runs as in the plain model. Only where dropout acts on
+    the map (training with attention dropout) is A' formed and dropped out, as the official code does. The
+    explicit path shows each map A, before AttnScale, to `attn_probe`, an identity whose forward hooks see it
+    (diagnostics.py applies the module's lamb)."""
+
+    def map_dropped(self) -> bool:
+        """Whether dropout acts on the attention map, so that AttnScale must form A' itself."""
+        return self.lamb is not None and self.training and self.attn_drop.p > 0.
+
+    def split(self, qkv: torch.Tensor, num_heads: int):
+        """q, k, v from the qkv projection's output, and DC[v] where AttnScale goes through the projection."""
+        if self.lamb is None or self.map_dropped():
+            q, k, v = qkv_heads(qkv, num_heads)
+            return q, k, v, None
+        return qkv_heads_and_mean(qkv, num_heads)
+
+    def attend(self, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The explicit map's product with v, through `attn_probe` and dropout (A' formed only when dropped)."""
+        attn, lamb = self.attn_probe(attn), self.lamb
+        if lamb is not None and self.map_dropped():
+            attn = attnscale(attn, lamb)
+        return self.attn_drop(attn) @ v
+
+    def project(self, x: torch.Tensor, mean: Optional[torch.Tensor]) -> torch.Tensor:
+        """The output projection `proj`, with AttnScale where `mean` (DC[v]) is given."""
+        lamb = self.lamb
+        if mean is None or lamb is None:
+            return self.proj(x)
+        return attnscale_projection(x, self.proj.weight, self.proj.bias, lamb, mean)
+
+
+class ViTAttention(Attention, AttnScaleAttention):
+    """timm's `Attention` with optional AttnScale (`lamb`, per head)."""
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        return self.proj_drop(self.proj(self.mix(x, attn_mask, is_causal)))
+        x, mean = self.mix(x, attn_mask, is_causal)
+        return self.proj_drop(self.project(x, mean))
 
     def mix(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        """The attention's output before its projection `proj`: heads mixed, normed and gated."""
+        """The attention's output before its projection `proj` (heads mixed, normed and gated), and DC[v] where
+        AttnScale is to act in the projection."""
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        fused = self.fused_attn and (self.lamb is None or self.attn_drop.p == 0. or not self.training)
-        if fused and self.lamb is not None:  # A'v = A v': v' in place of v in the projection's output
-            qkv = attnscale_qkv(x, self.qkv.weight, self.qkv.bias, self.lamb, self.num_heads)
-        else:
-            qkv = self.qkv(x)
-        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v, mean = self.split(self.qkv(x), self.num_heads)
         q, k = self.q_norm(q), self.k_norm(k)
-        if fused:
+        if self.fused_attn and not self.map_dropped():
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                                dropout_p=self.attn_drop.p if self.training else 0.)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
-            attn = attn.softmax(dim=-1) if self.lamb is None else attnscale_softmax(attn, self.lamb)
-            x = self.attn_drop(self.attn_probe(attn)) @ v
+            x = self.attend(attn.softmax(dim=-1), v)
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
         if gate is not None:
             x = x * gate
-        return x
+        return x, mean
 
 
 class FeatScaleProjection:
     """For blocks whose attention ends in `proj_drop(proj(z))`: FeatScale fused with that projection
-    (`featscale_linear`, which keeps no extra tensor for backward) while gradients are recorded and no
-    dropout follows the projection. Otherwise the attention runs whole, then `featscale`: the same numbers,
-    and forward hooks on `attn` see its output (diagnostics.py runs without gradients)."""
+    (`featscale_projection`, which keeps nothing extra for backward) where no dropout follows the projection.
+    Where the attention module has forward hooks (diagnostics.py), the attention runs whole, then `featscale`:
+    the same numbers, and the hooks see its output."""
 
     def featscale_fused(self) -> bool:
-        return torch.is_grad_enabled() and (self.attn.proj_drop.p == 0. or not self.training)
+        if torch.jit.is_scripting():
+            return False
+        return (self.attn.proj_drop.p == 0. or not self.training) and not self.attn._forward_hooks
 
-    def featscale_projection(self, z: torch.Tensor) -> torch.Tensor:
-        return featscale_linear(z, self.attn.proj.weight, self.attn.proj.bias, self.lamb1, self.lamb2,
-                                self.feat_scale_repeat)
+    def featscale_projection(self, z: torch.Tensor, mean: Optional[torch.Tensor]) -> torch.Tensor:
+        """FeatScale on the attention's projection of z (with AttnScale's `mean` too, both add-ons: then
+        FeatScale follows AttnScale's projection)."""
+        if mean is not None:
+            return featscale(self.attn.project(z, mean), self.lamb1, self.lamb2, self.feat_scale_repeat)
+        return featscale_projection(z, self.attn.proj.weight, self.attn.proj.bias, self.lamb1, self.lamb2,
+                                    self.feat_scale_repeat)
 
 
 class ViTBlock(Block, FeatScaleProjection):
@@ -91,7 +127,7 @@ class ViTBlock(Block, FeatScaleProjection):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         if self.lamb1 is not None and self.lamb2 is not None and self.featscale_fused():
-            y = self.featscale_projection(self.attn.mix(self.norm1(x), attn_mask, is_causal))
+            y = self.featscale_projection(*self.attn.mix(self.norm1(x), attn_mask, is_causal))
         else:
             y = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
             if self.lamb1 is not None and self.lamb2 is not None:
@@ -100,23 +136,22 @@ class ViTBlock(Block, FeatScaleProjection):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-class CaitAttention(TalkingHeadAttn):
+class CaitAttention(TalkingHeadAttn, AttnScaleAttention):
     """CaiT's talking-heads attention with optional AttnScale after the post-softmax head mix `proj_w`
     (rows then need not sum to 1; A_dc = 1/N all the same, as in the released models)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj_drop(self.proj(self.mix(x)))
+        x, mean = self.mix(x)
+        return self.proj_drop(self.project(x, mean))
 
-    def mix(self, x: torch.Tensor) -> torch.Tensor:
-        """The attention's output before its projection `proj`."""
+    def mix(self, x: torch.Tensor):
+        """The attention's output before its projection `proj`, and DC[v] where AttnScale acts there."""
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v, mean = self.split(self.qkv(x), self.num_heads)
         attn = (q * self.scale) @ k.transpose(-2, -1)
         attn = self.proj_l(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).softmax(dim=-1)
         attn = self.proj_w(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        if self.lamb is not None:  # A' alone kept for backward (the product with v keeps it anyway)
-            attn = attnscale_map(attn, self.lamb)
-        return (self.attn_drop(self.attn_probe(attn)) @ v).transpose(1, 2).reshape(B, N, C)
+        return self.attend(attn, v).transpose(1, 2).reshape(B, N, C), mean
 
 
 class CaitBlock(LayerScaleBlock, FeatScaleProjection):
@@ -124,7 +159,7 @@ class CaitBlock(LayerScaleBlock, FeatScaleProjection):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lamb1 is not None and self.lamb2 is not None and self.featscale_fused():
-            y = self.featscale_projection(self.attn.mix(self.norm1(x)))
+            y = self.featscale_projection(*self.attn.mix(self.norm1(x)))
         else:
             y = self.attn(self.norm1(x))
             if self.lamb1 is not None and self.lamb2 is not None:
@@ -133,25 +168,24 @@ class CaitBlock(LayerScaleBlock, FeatScaleProjection):
         return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
 
 
-class SwinWindowAttention(WindowAttention):
+class SwinWindowAttention(WindowAttention, AttnScaleAttention):
     """Swin's window attention with optional AttnScale after the softmax, N = tokens of one window.
 
-    As in the official code, A_dc = 1/N ignores the shift mask (masked entries become -lamb/N). Fused:
-    relative position bias + shift mask go to the kernel as `attn_mask`, then the window mean of v
-    (A'v = (1 + lamb) Av - lamb DC[v], `attnscale_tokens`). With a mask that requires grad the kernel falls
-    back to matrix products that keep their own q, k, v and not A v, so rescaling v in the qkv output, as
-    `ViTAttention` does, would keep that output too (+16.6% saved bytes for Swin-S).
+    As in the official code, A_dc = 1/N ignores the shift mask (masked entries become -lamb/N), which is what
+    A'v = (1 + lamb) A v - lamb DC[v], DC over the window's N tokens, computes for the masked map A. Fused:
+    relative position bias + shift mask go to the kernel as `attn_mask`.
     """
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        z = self.mix(x, mask)
-        return z if self.projection_deferred else self.proj_drop(self.proj(z))
+        z, mean = self.mix(x, mask)
+        return z if self.projection_deferred else self.proj_drop(self.project(z, mean))
 
-    def mix(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The attention's output before its projection `proj`, per window (B_, N, C)."""
+    def mix(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
+        """The attention's output before its projection `proj`, per window (B_, N, C), and DC[v] per window where
+        AttnScale acts in the projection."""
         B_, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.fused_attn and (self.lamb is None or self.attn_drop.p == 0. or not self.training):
+        q, k, v, mean = self.split(self.qkv(x), self.num_heads)
+        if self.fused_attn and not self.map_dropped():
             attn_mask = self._get_rel_pos_bias()
             if mask is not None:  # (windows, N, N), 0 / -100, the same for every image
                 num_win = mask.shape[0]
@@ -159,16 +193,14 @@ class SwinWindowAttention(WindowAttention):
                 attn_mask = attn_mask + mask.reshape(-1, self.num_heads, N, N)
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                                dropout_p=self.attn_drop.p if self.training else 0.)
-            x = x.transpose(1, 2).reshape(B_, N, -1) if self.lamb is None else attnscale_tokens(x, v, self.lamb)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1) + self._get_rel_pos_bias()
             if mask is not None:
                 num_win = mask.shape[0]
                 attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
                 attn = attn.view(-1, self.num_heads, N, N)
-            attn = self.softmax(attn) if self.lamb is None else attnscale_softmax(attn, self.lamb)
-            x = (self.attn_drop(self.attn_probe(attn)) @ v).transpose(1, 2).reshape(B_, N, -1)
-        return x
+            x = self.attend(self.softmax(attn), v)
+        return x.transpose(1, 2).reshape(B_, N, -1), mean
 
 
 class SwinBlock(SwinTransformerBlock, FeatScaleProjection):
@@ -176,12 +208,12 @@ class SwinBlock(SwinTransformerBlock, FeatScaleProjection):
     DC is the mean over all H*W tokens of the image (not per window), applied once. While gradients are
     recorded (and no dropout follows the projection), the attention's output projection, a per-token map,
     runs after the windows are merged and shifted back, on the whole image, fused with FeatScale
-    (`featscale_linear`), so that nothing extra is kept for backward."""
+    (`featscale_projection`), so that nothing extra is kept for backward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         if self.lamb1 is not None and self.lamb2 is not None and self.projection_after_merge():
-            y = self.featscale_projection(self.merged_before_projection(self.norm1(x)).reshape(B, H * W, C))
+            y = self.featscale_projection(self.merged_before_projection(self.norm1(x)).reshape(B, H * W, C), None)
         else:
             y = self._attn(self.norm1(x)).reshape(B, H * W, C)
             if self.lamb1 is not None and self.lamb2 is not None:
@@ -192,11 +224,13 @@ class SwinBlock(SwinTransformerBlock, FeatScaleProjection):
 
     def projection_after_merge(self) -> bool:
         """Whether the attention's projection runs after the window merge, fused with FeatScale: when
-        `featscale_fused` (as in ViT), where the attention is as wide as the block (timm's merge takes its
-        C channels), and outside TorchScript and torch.compile (no state is set mid-forward there)."""
-        if torch.jit.is_scripting() or torch.compiler.is_compiling():
+        `featscale_fused` (as in ViT), without AttnScale in the same block (its DC is per window), where the
+        attention is as wide as the block (timm's merge takes its C channels), and outside TorchScript,
+        torch.compile and tracing (no state is set mid-forward there)."""
+        if torch.jit.is_scripting() or plain_autograd():
             return False
-        return self.featscale_fused() and self.attn.proj.in_features == self.attn.proj.out_features
+        return (self.featscale_fused() and self.attn.lamb is None
+                and self.attn.proj.in_features == self.attn.proj.out_features)
 
     @torch.jit.unused
     def merged_before_projection(self, x: torch.Tensor) -> torch.Tensor:

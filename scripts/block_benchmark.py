@@ -11,19 +11,19 @@ median of their ratios cancels the drift that whole-step rounds do not. Everythi
 step costs at most its block ratio over the plain model's. Each ratio comes with a 95% bootstrap interval
 of the median, which says how far the run resolves it.
 
-`--projections` resolves an add-on's cost further. In a ViT/DeiT block on the fused path, AttnScale changes
-only the qkv projection (`attnscale_qkv`) and FeatScale only the output projection (`featscale_linear`
-while gradients are recorded, `featscale` after the plain projection otherwise, as `ViTBlock` runs them).
-So this mode times those projections alone, plain and with the add-on, with the reference block's weights
-and input shape, next to the reference block itself: the median paired difference is the add-on's time
-per block, taken from a 20-200 ms operation instead of a ~1 s block, and is reported as a fraction of the
-block's time.
+`--projections` resolves an add-on's cost further. In a ViT/DeiT block, AttnScale changes only the attention
+module (DC[v] from the qkv split, the correction in the output projection: `qkv_heads_and_mean`,
+`attnscale_projection`) and FeatScale only the output projection (`featscale_projection`). So this mode times
+those parts alone, plain and with the add-on, with the reference block's weights and input shape, next to the
+reference block itself: the median paired difference is the add-on's time per block, taken from a shorter
+operation than the block, and is reported as a fraction of the block's time.
 
     python scripts/block_benchmark.py --models deit_small_12 attnscale_small_12 featscale_small_12 \\
         --batch-size 32 --repeats 40 --threads 1 [--device cuda --amp bfloat16] [--json out.json]
     python scripts/block_benchmark.py --models deit_small_patch16_224 --projections --repeats 200
 """
 import argparse
+import copy
 import json
 import random
 import statistics
@@ -31,16 +31,14 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import Attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402  (registers the variants)
 from benchmark import timed  # noqa: E402
-from models.antioversmooth import featscale  # noqa: E402
 from models.checkpoint import ADDON_KEY  # noqa: E402
-from models.fused import attnscale_qkv, featscale_linear  # noqa: E402
-from models.plugin import has_addon  # noqa: E402
+from models.fused import featscale_projection  # noqa: E402
+from models.plugin import ViTAttention, has_addon  # noqa: E402
 from engine import autocast  # noqa: E402
 
 GAIN = 0.01  # the add-ons' gains while timed; their value changes no work
@@ -57,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--device', default='cpu', help='cpu or cuda[:N]')
     parser.add_argument('--amp', choices=['bfloat16', 'float16'], help='time under this autocast (default float32)')
     parser.add_argument('--projections', action='store_true',
-                        help="time the projections the add-ons change, alone, with the reference's (one model)")
+                        help="time the parts the add-ons change, alone, with the reference's (one model)")
     parser.add_argument('--json', metavar='OUT', help='write every sample and the summary here')
     return parser
 
@@ -94,39 +92,41 @@ def middle_blocks(names: list, img_size: int) -> tuple:
 
 
 class Projection(torch.nn.Module):
-    """One of a block's attention projections, alone: plain, or with an add-on as a ViT/DeiT block runs it."""
+    """A block's output projection alone: plain, or fused with FeatScale as a ViT/DeiT block runs it."""
 
-    def __init__(self, linear: torch.nn.Linear, addon: str = '', num_heads: int = 1):
+    def __init__(self, linear: torch.nn.Linear, featscale: bool = False):
         super().__init__()
-        self.linear, self.addon, self.num_heads = linear, addon, num_heads
-        width = {'attnscale': num_heads, 'featscale': linear.out_features}.get(addon, 0)
-        self.lamb1 = torch.nn.Parameter(torch.full((width,), GAIN))  # AttnScale's lamb, FeatScale's lamb1
-        self.lamb2 = torch.nn.Parameter(torch.full((width if addon == 'featscale' else 0,), GAIN))
+        self.linear, self.featscale = linear, featscale
+        width = linear.out_features if featscale else 0
+        self.lamb1, self.lamb2 = (torch.nn.Parameter(torch.full((width,), GAIN)) for _ in range(2))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        w, b = self.linear.weight, self.linear.bias
-        if self.addon == 'attnscale':
-            return attnscale_qkv(z, w, b, self.lamb1, self.num_heads)
-        if self.addon == 'featscale' and torch.is_grad_enabled():
-            return featscale_linear(z, w, b, self.lamb1, self.lamb2)
-        if self.addon == 'featscale':
-            return featscale(F.linear(z, w, b), self.lamb1, self.lamb2)
-        return F.linear(z, w, b)
+        if self.featscale:
+            return featscale_projection(z, self.linear.weight, self.linear.bias, self.lamb1, self.lamb2)
+        return self.linear(z)
 
 
-PAIRS = {'AttnScale': ('qkv+attnscale', 'qkv'), 'FeatScale': ('proj+featscale', 'proj')}
+def attention_unit(attn: Attention, attn_scale: bool) -> ViTAttention:
+    """A copy of timm's attention module as this repository runs it, without or with AttnScale (gains GAIN)."""
+    unit = copy.deepcopy(attn)
+    unit.__class__ = ViTAttention
+    unit.attn_probe = torch.nn.Identity()
+    unit.register_parameter('lamb', torch.nn.Parameter(torch.full((unit.num_heads,), GAIN)) if attn_scale else None)
+    return unit
+
+
+PAIRS = {'AttnScale': ('attention+attnscale', 'attention'), 'FeatScale': ('proj+featscale', 'proj')}
 
 
 def projection_units(name: str, blk) -> dict:
-    """{unit: module}: the plain ViT/DeiT block `blk` and its qkv and output projections, plain and with
-    the add-on that changes each (the same weights)."""
+    """{unit: module}: the plain ViT/DeiT block `blk`, its attention module and its output projection, plain and
+    with the add-on that changes each (the same weights)."""
     attn = getattr(blk, 'attn', None)
     if not isinstance(attn, Attention) or has_addon(blk):
         sys.exit(f'error: --projections takes the projections of a plain ViT/DeiT block, which {name} has not; '
                  'give a ViT/DeiT model without an add-on, e.g. --models deit_small_patch16_224')
-    return {'block': blk, 'qkv': Projection(attn.qkv),
-            'qkv+attnscale': Projection(attn.qkv, 'attnscale', attn.num_heads),
-            'proj': Projection(attn.proj), 'proj+featscale': Projection(attn.proj, 'featscale')}
+    return {'block': blk, 'attention': attention_unit(attn, False), 'attention+attnscale': attention_unit(attn, True),
+            'proj': Projection(attn.proj), 'proj+featscale': Projection(attn.proj, featscale=True)}
 
 
 def train_once(unit, x, upstream, amp) -> None:
@@ -220,7 +220,7 @@ def format_table(summary: dict) -> str:
 
 
 def format_projections(summary: dict) -> str:
-    lines = ['add-on | mode | plain projection ms | extra ms [95% interval] | block ms | of the block [95% interval]',
+    lines = ['add-on | mode | plain part ms | extra ms [95% interval] | block ms | of the block [95% interval]',
              '---|---|---|---|---|---']
     for addon, modes in summary.items():
         for mode, s in modes.items():

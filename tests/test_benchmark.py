@@ -131,34 +131,36 @@ def test_attention_path_axis_labels_rows_and_switches_every_attention():
         assert switches == [fused, fused]  # one per block
 
 
-def test_explicit_attention_keeps_more_for_backward_than_fused():
-    """The explicit path saves N x N attention maps for backward; the fused path does not."""
-    peaks = {}
-    for path in ('fused', 'explicit'):
-        args = benchmark.get_args_parser().parse_args(
-            ['--memory-child', 'attnscale_tiny_12', '--attn-path', path, '--device', 'cpu', '--batch-size', '16',
-             '--img-size', '224', '--num-classes', '10', '--memory-steps', '1', '--model-kwargs', 'depth=2'])
-        peaks[path] = benchmark.memory_child(args)['tensor_peak_mb']
-    n = (224 // 16) ** 2 + 1  # tokens
-    maps_mb = 2 * 16 * 3 * n * n * 4 / 2 ** 20  # blocks x batch x heads x N x N fp32: one saved map per block
-    assert peaks['explicit'] - peaks['fused'] > maps_mb
+def test_explicit_attention_keeps_a_map_per_block_that_fused_does_not():
+    """The explicit path keeps each block's N x N attention map for backward (the softmax's output, which the
+    product with v keeps too); the fused path keeps none, only its kernel's log-sum-exp per row (N). AttnScale
+    keeps the same on either path."""
+    args = benchmark.get_args_parser().parse_args(['--batch-size', '2', '--img-size', '32', '--num-classes', '10',
+                                                   '--device', 'cpu', '--model-kwargs', 'depth=2', 'patch_size=8'])
+    x, y = benchmark.make_batch(args, torch.device('cpu'))
+    saved = {(name, path): benchmark.saved_bytes(benchmark.build(name, args, torch.device('cpu'), 'float32', path)[0],
+                                                 x, y, torch.float32)
+             for name in ('deit_tiny_12', 'attnscale_tiny_12') for path in ('fused', 'explicit')}
+    n = (32 // 8) ** 2 + 1  # tokens
+    maps, rows = 2 * 2 * 3 * n * n * 4, 2 * 2 * 3 * n * 4  # blocks x batch x heads x N (x N) float32
+    for name in ('deit_tiny_12', 'attnscale_tiny_12'):
+        assert saved[name, 'explicit'] - saved[name, 'fused'] == maps - rows
 
 
 @pytest.mark.parametrize('amp', [torch.float32, torch.bfloat16], ids=str)
 def test_saved_bytes_are_exact_and_addons_cost_only_token_means(amp):
-    """Activations saved for backward, to the byte: AttnScale (in the qkv projection) and FeatScale (with the
-    output projection) each add one float32 token mean of their projection's input per block (B x C). Under
-    autocast, each keeps its projection's float32 weight (a parameter, not counted) where the
-    plain model keeps a bfloat16 copy (3C x C for qkv, C x C for the output projection)."""
+    """Activations saved for backward, to the byte: AttnScale keeps one float32 token mean of v per block
+    (B x C); FeatScale the float32 token means of its projection's input and output and lamb1 - lamb2
+    (B x C, B x C, C). The gains act through the projection's weight, kept in its product's dtype, as the
+    plain projection keeps it (under autocast: a bfloat16 copy either way)."""
     args = benchmark.get_args_parser().parse_args(['--batch-size', '3', '--img-size', '32', '--num-classes', '10',
                                                    '--model-kwargs', 'depth=2', 'patch_size=8', '--device', 'cpu'])
     x, y = benchmark.make_batch(args, torch.device('cpu'))
     saved = {name: benchmark.saved_bytes(benchmark.build(name, args, torch.device('cpu'), 'float32')[0], x, y, amp)
              for name in ('deit_tiny_12', 'attnscale_tiny_12', 'featscale_tiny_12')}
     B, C, depth = 3, 192, 2
-    weight_copy = C * C * 2 if amp == torch.bfloat16 else 0
-    assert saved['attnscale_tiny_12'] - saved['deit_tiny_12'] == depth * (B * C * 4 - 3 * weight_copy)
-    assert saved['featscale_tiny_12'] - saved['deit_tiny_12'] == depth * (B * C * 4 - weight_copy)
+    assert saved['attnscale_tiny_12'] - saved['deit_tiny_12'] == depth * B * C * 4
+    assert saved['featscale_tiny_12'] - saved['deit_tiny_12'] == depth * (2 * B * C + C) * 4
     model = benchmark.build('deit_tiny_12', args, torch.device('cpu'), 'float32')[0]
     assert benchmark.saved_bytes(model, x, y, amp) == saved['deit_tiny_12']  # deterministic
 
@@ -170,22 +172,24 @@ EXPLICIT_MAPS = [('cait_XXS24_224', 32, TINY, torch.float32), ('cait_XXS24_224',
 
 @pytest.mark.parametrize('base,img_size,extra,amp', EXPLICIT_MAPS, ids=[f'{m[0]}-{m[3]}' for m in EXPLICIT_MAPS])
 def test_attnscale_on_explicit_maps_keeps_no_extra_map(base, img_size, extra, amp):
-    """On the explicit attention path the scaled map takes the place of the map the product with v keeps:
-    after the softmax (ViT, Swin) the two run as one step that keeps only A' (float32 maps; bfloat16 ones
-    run apart); after CaiT's talking-heads mix A' is written contiguous, as the product's own copy would be.
-    The add-on then keeps no byte more."""
+    """On the explicit attention path AttnScale acts through the projection, so the map the product with v keeps
+    is the plain model's: the add-on keeps no N x N map, only DC[v] per attention (B_ x C float32)."""
     args = benchmark.get_args_parser().parse_args(['--batch-size', '2', '--img-size', str(img_size),
                                                    '--num-classes', '10', '--device', 'cpu', *extra])
     x, y = benchmark.make_batch(args, torch.device('cpu'))
     prefix = 'attnscale_' + ('tiny_12' if base == 'deit_tiny_12' else base)
-    saved = [benchmark.saved_bytes(benchmark.build(name, args, torch.device('cpu'), 'float32', 'explicit')[0],
-                                   x, y, amp) for name in (base, prefix)]
-    assert saved[0] == saved[1] > 0
+    models_ = [benchmark.build(name, args, torch.device('cpu'), 'float32', 'explicit')[0] for name in (base, prefix)]
+    saved = [benchmark.saved_bytes(model, x, y, amp) for model in models_]
+    means = []
+    for attn in (m for m in models_[1].modules() if getattr(m, 'lamb', None) is not None):
+        attn.register_forward_pre_hook(lambda m, args: means.append(args[0].shape[0] * m.qkv.out_features // 3 * 4))
+    models_[1](x)
+    assert saved[0] > 0 and saved[1] - saved[0] == sum(means) > 0
 
 
 def test_swin_attnscale_saved_bytes_are_token_means_on_the_fused_path():
-    """Swin's fused AttnScale (the correction after the masked kernel, written as the projection's input)
-    keeps one float32 window mean of v per window and head beyond plain Swin: B_ x H x d per attention."""
+    """Swin's fused AttnScale keeps one float32 window mean of v per window and head beyond plain Swin:
+    B_ x H x d per attention."""
     args = benchmark.get_args_parser().parse_args(['--batch-size', '2', '--img-size', '56', '--num-classes', '10',
                                                    '--device', 'cpu'])
     x, y = benchmark.make_batch(args, torch.device('cpu'))
@@ -216,15 +220,16 @@ def test_memory_only_run_describes_itself():
 
 
 def test_swin_featscale_saved_bytes_are_token_means():
-    """Swin's FeatScale, fused with the output projection after the windows are merged, keeps one float32
-    token mean of the projection's input per block (B x C) beyond plain Swin: not y."""
+    """Swin's FeatScale, fused with the output projection after the windows are merged, keeps the float32 token
+    means of the projection's input and output per block (B x C each) and lamb1 - lamb2 (C) beyond plain Swin:
+    not y."""
     args = benchmark.get_args_parser().parse_args(['--batch-size', '2', '--img-size', '56', '--num-classes', '10',
                                                    '--device', 'cpu'])
     x, y = benchmark.make_batch(args, torch.device('cpu'))
     plain, featscale = (benchmark.build(name, args, torch.device('cpu'), 'float32')[0]
                         for name in ('swin_tiny_patch4_window7_224', 'featscale_swin_tiny_patch4_window7_224'))
     blocks = models.plugin.self_attention_blocks(featscale)
-    means = sum(2 * b.attn.proj.in_features * 4 for b in blocks)  # B x C float32 per block
+    means = sum((2 * 2 + 1) * b.attn.proj.in_features * 4 for b in blocks)  # 2 B x C + C float32 per block
     assert len(blocks) == 12
     assert benchmark.saved_bytes(featscale, x, y, torch.float32) - benchmark.saved_bytes(plain, x, y, torch.float32) \
         == means

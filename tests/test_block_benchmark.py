@@ -70,8 +70,8 @@ def test_projections_time_what_each_addon_changes_against_the_plain_projection(t
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     samples, summary = data['samples'], data['summary']
-    assert sorted(samples) == ['block', 'proj', 'proj+featscale', 'qkv', 'qkv+attnscale']
-    for addon, fused, plain in (('AttnScale', 'qkv+attnscale', 'qkv'), ('FeatScale', 'proj+featscale', 'proj')):
+    assert sorted(samples) == ['attention', 'attention+attnscale', 'block', 'proj', 'proj+featscale']
+    for addon, fused, plain in (('AttnScale', 'attention+attnscale', 'attention'), ('FeatScale', 'proj+featscale', 'proj')):
         for mode in ('train', 'infer'):
             s = summary[addon][mode]
             diffs = sorted(1e3 * (a - b) for a, b in zip(samples[fused][mode], samples[plain][mode]))
@@ -98,15 +98,16 @@ def test_projection_units_apply_the_addon_to_the_blocks_weights(monkeypatch):
     lamb = torch.linspace(-0.2, 0.3, heads)
     lamb1, lamb2 = torch.linspace(-0.5, 0.5, dim), torch.linspace(0.4, -0.1, dim)
     with torch.no_grad():
-        units['qkv+attnscale'].lamb1.copy_(lamb)
+        units['attention+attnscale'].lamb.copy_(lamb)
         units['proj+featscale'].lamb1.copy_(lamb1)
         units['proj+featscale'].lamb2.copy_(lamb2)
     z = torch.randn(2, tokens, dim)
-    qkv, scaled = units['qkv'](z), units['qkv+attnscale'](z)
-    v, v_scaled = qkv[..., 2 * dim:], scaled[..., 2 * dim:]
-    dc, gain = v.mean(dim=1, keepdim=True), lamb.repeat_interleave(dim // heads)  # each head's channels
-    torch.testing.assert_close(v_scaled, dc + (1. + gain) * (v - dc))  # AttnScale's v'
-    assert torch.equal(scaled[..., :2 * dim], qkv[..., :2 * dim])
+    attn = blocks['deit_tiny_12'].attn
+    torch.testing.assert_close(units['attention'](z), attn(z), rtol=0, atol=0)
+    q, k, v = attn.qkv(z).reshape(2, tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    a = (q @ k.transpose(-2, -1) * (dim // heads) ** -0.5).softmax(-1)
+    a = 1. / tokens + (1. + lamb.view(heads, 1, 1)) * (a - 1. / tokens)  # AttnScale on the map, written out
+    torch.testing.assert_close(units['attention+attnscale'](z), attn.proj((a @ v).transpose(1, 2).flatten(2)))
     y = units['proj'](z)
     dc = y.mean(dim=1, keepdim=True)
     expected = y + lamb1 * dc + lamb2 * (y - dc)  # FeatScale, s = 1
