@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 import torch.backends.cudnn as cudnn
+from torch.distributed.elastic.multiprocessing.errors import record
 from timm.data import Mixup
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler
@@ -785,9 +786,12 @@ def seed_epoch(seed: int, rank: int, epoch: int, loader_generator: torch.Generat
         loader_generator.manual_seed(value ^ 0x5DEECE66D)
 
 
+@record
 def main(args):
     """Run training or evaluation; a collective that fails because another rank died or hung ends the process
-    with one line (the launcher names the rank that failed first) instead of a traceback on every rank."""
+    with one line (the launcher names the rank that failed first) instead of a traceback on every rank.
+    `record` writes any other exception, with its traceback, to the error file torchrun gives each worker, so
+    torchrun's failure summary names the rank and shows its error."""
     check_args(args)
     try:
         run(args)
