@@ -439,14 +439,16 @@ def build_optimizer(args, model, lr: float) -> torch.optim.Optimizer:
 
 
 def build_optimization(args, model, amp_dtype: torch.dtype, steps_per_epoch: int):
-    """(optimizer, lr_scheduler, loss_scaler) for the plain model; the loss scaler only for float16 autocast.
-    With --sched-on-updates the schedule counts optimizer updates (`steps_per_epoch` a epoch), else epochs."""
+    """(optimizer, lr_scheduler, loss_scaler) for the plain model; the loss scaler (on the model's device type)
+    only for float16 autocast. With --sched-on-updates the schedule counts optimizer updates (`steps_per_epoch`
+    a epoch), else epochs."""
     lr = scaled_lr(args, utils.get_world_size())
     rule = '--unscale-lr: not scaled' if args.unscale_lr else \
         f'--lr {args.lr:g} x {args.batch_size} x {utils.get_world_size()} / 512'
     utils.log(f'learning rate: {lr:g} ({rule})')
     optimizer = build_optimizer(args, model, lr)
-    loss_scaler = torch.amp.GradScaler('cuda') if amp_dtype == torch.float16 else None
+    device_type = next(model.parameters()).device.type
+    loss_scaler = torch.amp.GradScaler(device_type) if amp_dtype == torch.float16 else None
     lr_scheduler, _ = create_scheduler(args, optimizer, updates_per_epoch=steps_per_epoch)
     return optimizer, lr_scheduler, loss_scaler
 
