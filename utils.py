@@ -322,6 +322,38 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+class StopRequest:
+    """The signals that ask a training run to stop after its current step, resumably: each handler only records
+    the signal; the training loop reads the record between steps, every rank stops after the same step (the
+    step flags), and a mid-epoch checkpoint is written before the run exits. A second SIGINT (Ctrl-C) raises
+    KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.received = []  # signal numbers, in the order they came
+        self.reasons = {}  # signal number -> (what the exit line calls it, exit status)
+        self.agreed_signal = None  # set by agreed()
+
+    def install(self, signum: int, reason: str, exit_code: int):
+        self.reasons[signum] = (reason, exit_code)
+        signal.signal(signum, self._record)
+
+    def _record(self, signum, frame):
+        if signum == signal.SIGINT and signum in self.received:
+            raise KeyboardInterrupt
+        self.received.append(signum)
+
+    def __bool__(self) -> bool:
+        return bool(self.received)
+
+    def agreed(self) -> tuple:
+        """`(reason, exit status)` of the first signal of the lowest rank that received one: the same on every
+        rank (a collective when distributed), also on ranks that received none. That signal is kept in
+        `agreed_signal`."""
+        firsts = [r[0] for r in all_gather_object(self.received[:1]) if r]
+        self.agreed_signal = firsts[0] if firsts else next(iter(self.reasons))
+        return self.reasons[self.agreed_signal]
+
+
 def _stop_with_launcher():
     """Under torchrun / torch.distributed.launch, have Linux send this worker SIGTERM when the launcher dies.
 
