@@ -6,9 +6,9 @@ judged against a bound it states (or reported only, marked '-').
      float16 and bfloat16 autocast, against float64 central differences (scripts/gpu_check_gains.py): relative
      error at most 32 u (u: the dtype's unit roundoff).
   2. Training: two passes over the same few batches, through engine.train_one_epoch (what main.py runs), for
-     AttnScale and FeatScale, float16 + GradScaler and bfloat16 (and torch.compile): the loss of the second pass
-     is lower, every weight and every gain has changed, no bfloat16 step is skipped, at most MAX_SKIPPED float16
-     steps are, and the loss scale ends at SCALE_FLOOR or above.
+     AttnScale and FeatScale, float16 + GradScaler and bfloat16 (AttnScale also compiled): the loss of the
+     second pass is lower, every weight and every gain has changed, no bfloat16 step is skipped, at most
+     MAX_SKIPPED float16 steps are, and the loss scale ends at SCALE_FLOOR or above.
   3. DDP in a one-process group (NCCL; gloo on CPU), wrapped as main.py wraps it (DDP, then torch.compile): it
      trains as in 2, and without compile ends bit for bit where the same steps without DDP end.
   4. Resume: float16 + GradScaler steps, a checkpoint written and read back as main.py does (weights, optimizer,
@@ -192,19 +192,21 @@ def judge(numbers: dict) -> tuple:
 
 
 def training_configs(device: torch.device, compile_: bool) -> list:
-    """(label, autocast dtype, GradScaler?, torch.compile?) of each training run."""
+    """(label, autocast dtype, GradScaler?, torch.compile?) of each training run; compiled: main.py's default
+    precision on CUDA (float16 + GradScaler), bfloat16 on CPU."""
     configs = [('float16 + GradScaler', torch.float16, True, False), ('bfloat16', torch.bfloat16, False, False)]
-    if compile_:  # main.py's default on CUDA (float16 + GradScaler); bfloat16 on CPU
+    if compile_:
         configs.append(('compile, float16 + GradScaler', torch.float16, True, True) if device.type == 'cuda' else
                        ('compile, bfloat16', torch.bfloat16, False, True))
     return configs
 
 
 def check_training(args, size: dict, device: torch.device, sabotage=None) -> list:
-    """Rows of section 2: each model in each configuration, two passes over the same batches."""
+    """Rows of section 2: each model in each configuration (compiled: the first model), two passes over the
+    same batches."""
     rows = []
-    for name in args.models:
-        for label, amp_dtype, use_scaler, compile_ in training_configs(device, args.compile):
+    for i, name in enumerate(args.models):
+        for label, amp_dtype, use_scaler, compile_ in training_configs(device, args.compile and i == 0):
             model, optimizer, _ = build(args, size, name, device)
             scaler = torch.amp.GradScaler(device.type) if use_scaler else None
             net = torch.compile(model, backend=args.compile_backend) if compile_ else model
@@ -217,7 +219,7 @@ def check_training(args, size: dict, device: torch.device, sabotage=None) -> lis
             ok, result = judge(numbers)
             ms = 1e3 * numbers['seconds'] / numbers['steps']
             rows.append(row(f'training {name}', label, ok, f'{result}; {ms:.0f} ms/step', **numbers))
-        if not args.compile:
+        if i == 0 and not args.compile:
             rows.append(row(f'training {name}', 'compile', None, 'skipped (--no-compile)'))
     return rows
 
