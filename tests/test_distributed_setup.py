@@ -92,7 +92,8 @@ class FakeCuda:
 def torchrun_env(monkeypatch, **env):
     """The launcher's variables of this test only (anything the caller had is recorded and removed first)."""
     for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'SLURM_PROCID', 'SLURM_NTASKS',
-                'SLURM_LOCALID', 'CUDA_VISIBLE_DEVICES', 'TORCH_NCCL_ASYNC_ERROR_HANDLING', 'NCCL_ASYNC_ERROR_HANDLING'):
+                'SLURM_LOCALID', 'CUDA_VISIBLE_DEVICES', 'TORCH_NCCL_ASYNC_ERROR_HANDLING',
+                'NCCL_ASYNC_ERROR_HANDLING'):
         monkeypatch.setenv(key, 'x')  # recorded, so that what the test sets is undone too
         monkeypatch.delenv(key)
     for key, value in env.items():

@@ -8,8 +8,8 @@ smoothing, DDP) and train an epoch through engine.train_one_epoch while counting
     repository's code or from torch's GradScaler (on a GPU each is a device synchronisation; the rest of torch's
     and timm's reads are of host tensors, such as the optimizer's step counts, and are not counted).
 The first and last steps print progress lines and are excluded; the steps in between must do exactly one of each,
-in float32 and in float16 autocast with main.py's GradScaler (the CPU one here; GradScaler.step would read its
-inf flag in a second synchronisation).
+in float32, in bfloat16 autocast, and in float16 autocast with main.py's GradScaler (the CPU one here;
+GradScaler.step would read its inf flag in a second synchronisation).
 The same group then checks that the step flags do their job: a stop requested on one rank only, and a loss that
 is NaN on one rank only, end the epoch on both ranks at the same step.
 """
@@ -140,6 +140,9 @@ def worker(rank: int, world_size: int, port: int, data: str, out: str):
         stats, stopped_at, _ = epoch()
     result.update(steps=loader.steps(), stopped_at=stopped_at, loss=stats['loss'])
 
+    with read_counter(counts):
+        stats = epoch(amp_dtype=torch.bfloat16)[0]
+    result.update(bfloat16_steps=loader.steps(), bfloat16_loss=stats['loss'])
     _, _, scaler = main.build_optimization(args, model, torch.float16, steps_per_epoch=4)
     with read_counter(counts):
         stats = epoch(amp_dtype=torch.float16, scaler=scaler)[0]
@@ -170,6 +173,7 @@ def test_one_collective_and_one_host_read_per_step(tmp_path):
         assert len(steps) == 6  # 48 images x 3 repeats / 3 (RASampler) / 2 ranks / batch 4
         assert steps[1:-1] == [[1, 1]] * 4, steps  # the first and the last step print a progress line
         assert result['stopped_at'] is None and 0 < result['loss'] < 10
+        assert result['bfloat16_steps'][1:-1] == [[1, 1]] * 4 and 0 < result['bfloat16_loss'] < 10, result
         assert result['float16_steps'][1:-1] == [[1, 1]] * 4, result['float16_steps']
         assert result['scaler'] == 'cpu' and 0 < result['float16_loss'] < 10
         assert result['float16_scale'] in (2. ** 16, 2. ** 15, 2. ** 14)  # at most a couple of skipped steps
