@@ -755,34 +755,30 @@ def save_epoch(args, state: TrainingState, improved: bool):
 def train(args, net, state: TrainingState, data: Data, criterion, device, amp_dtype, mid: MidEpoch,
           stop: Optional[utils.StopRequest] = None):
     """The epoch loop: train, step the LR schedule, evaluate, log, checkpoint; a stop signal (SIGTERM, Ctrl-C,
-    those in `stop`) ends it resumably. Ctrl-C is back to Python's default when the loop ends."""
+    those in `stop`) ends it resumably."""
     start_epoch = state.epoch + 1
     run_log = RunLog(args, start_epoch)
     for stale in utils.remove_stale_temp_files(args.output_dir):
         utils.log(f'Removed {stale}, left by a checkpoint write that was interrupted')
-    sigint = signal.getsignal(signal.SIGINT)
     stop = stop_signals(stop)
 
     utils.log(f'Start training for {args.epochs} epochs')
     start_time = time.time()
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            train_stats = train_epoch(args, net, state, data, criterion, device, amp_dtype, epoch,
-                                      mid if epoch == start_epoch else MidEpoch(), stop)
-            state.lr_scheduler.step(epoch)
-            test_stats = evaluate(data.loader_val, net, device, amp_dtype, args.print_freq)
-            utils.log(f'Accuracy of the network on the {len(data.val)} test images: {test_stats["acc1"]:.1f}%')
-            improved = test_stats['acc1'] > state.max_accuracy
-            state.epoch, state.max_accuracy = epoch, max(state.max_accuracy, test_stats['acc1'])
-            utils.log(f'Max accuracy: {state.max_accuracy:.2f}%')
-            entry = epoch_entry(args, epoch, train_stats, test_stats, data, count_parameters(state.model))
-            run_log.write(epoch, entry, addon_lambdas(state.model) if run_log.tb_writer is not None else {})
-            save_epoch(args, state, improved)
-            if epoch + 1 < args.epochs and utils.any_rank(bool(stop)):  # after rank 0 wrote the checkpoint
-                reason, code = stop.agreed()
-                utils.fail(f'{reason} after epoch {epoch}; resumable with --auto_reload', code, ignore_sigterm=True)
-    finally:
-        signal.signal(signal.SIGINT, sigint)
+    for epoch in range(start_epoch, args.epochs):
+        train_stats = train_epoch(args, net, state, data, criterion, device, amp_dtype, epoch,
+                                  mid if epoch == start_epoch else MidEpoch(), stop)
+        state.lr_scheduler.step(epoch)
+        test_stats = evaluate(data.loader_val, net, device, amp_dtype, args.print_freq)
+        utils.log(f'Accuracy of the network on the {len(data.val)} test images: {test_stats["acc1"]:.1f}%')
+        improved = test_stats['acc1'] > state.max_accuracy
+        state.epoch, state.max_accuracy = epoch, max(state.max_accuracy, test_stats['acc1'])
+        utils.log(f'Max accuracy: {state.max_accuracy:.2f}%')
+        entry = epoch_entry(args, epoch, train_stats, test_stats, data, count_parameters(state.model))
+        run_log.write(epoch, entry, addon_lambdas(state.model) if run_log.tb_writer is not None else {})
+        save_epoch(args, state, improved)
+        if epoch + 1 < args.epochs and utils.any_rank(bool(stop)):  # after rank 0 wrote the checkpoint
+            reason, code = stop.agreed()
+            utils.fail(f'{reason} after epoch {epoch}; resumable with --auto_reload', code, ignore_sigterm=True)
     run_log.close()
     utils.log(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
 
@@ -813,8 +809,9 @@ def main(args, stop: Optional[utils.StopRequest] = None):
     with one line (the launcher names the rank that failed first) instead of a traceback on every rank.
     `record` writes any other exception, with its traceback, to the error file torchrun gives each worker, so
     torchrun's failure summary names the rank and shows its error. `stop` carries a launcher's own stop signals
-    (see `train`)."""
+    (see `train`); Ctrl-C's handler is the caller's again on return."""
     check_args(args)
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         run(args, stop)
     except RuntimeError as e:
@@ -828,6 +825,8 @@ def main(args, stop: Optional[utils.StopRequest] = None):
         utils.fail(one_line(e))
     except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second one inside it
         utils.fail('interrupted (Ctrl-C); nothing saved since the last checkpoint', INTERRUPTED_EXIT_CODE)
+    finally:
+        signal.signal(signal.SIGINT, sigint)
 
 
 def wait_for_launcher(message: str):
