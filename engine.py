@@ -35,12 +35,27 @@ def start_step_flags(loss: torch.Tensor, stop_requested: bool):
     return flags, dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True)
 
 
-def read_step_flags(flags: torch.Tensor, work) -> tuple:
-    """`(any rank's loss not finite, any rank asked to stop)`: the step's one host synchronisation."""
+def read_step_flags(flags: torch.Tensor, work, found_inf: Optional[torch.Tensor] = None) -> tuple:
+    """`(any rank's loss not finite, any rank asked to stop, gradients not finite)`: the step's one host
+    synchronisation. `found_inf` is the GradScaler's inf/NaN flag of the unscaled gradients (float16), read in
+    the same transfer; the gradients are all-reduced already, so it is the same on every rank."""
     if work is not None:
         work.wait()
-    nonfinite, stop = flags.tolist()
-    return bool(nonfinite), bool(stop)
+    if found_inf is not None:
+        flags = torch.cat([flags, found_inf.reshape(1).to(flags.device, non_blocking=True)])
+    nonfinite, stop, *skip = flags.tolist()
+    return bool(nonfinite), bool(stop), bool(skip and skip[0])
+
+
+def unscale_gradients(loss_scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> Optional[torch.Tensor]:
+    """Unscale the gradients (`loss_scaler.unscale_`, no synchronisation) and return the scaler's flag of
+    non-finite gradients as a device tensor, which GradScaler.step would read with a synchronisation of its own
+    (None for a disabled scaler). It is the flag `loss_scaler.update()` backs the scale off on: the scaler's
+    record for this optimizer."""
+    if not loss_scaler.is_enabled():
+        return None
+    loss_scaler.unscale_(optimizer)
+    return sum(loss_scaler._per_optimizer_states[id(optimizer)]['found_inf_per_device'].values())
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
@@ -55,8 +70,10 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     Each step synchronises the host once and runs one small collective: the all-reduce of the step flags
     (a non-finite loss on any rank, and `stop_requested()`, this rank's preemption signal), started before the
     backward pass and read before the optimizer step. A non-finite loss raises NonFiniteLossError on every rank
-    before any weight changes; a stop request ends the epoch after the step on every rank. The loss meter
-    keeps device tensors and reads them at `print_freq` boundaries (see utils.SmoothedValue).
+    before any weight changes; a stop request ends the epoch after the step on every rank. With a GradScaler
+    (float16) the gradients are unscaled before that read and the scaler's inf/NaN flag is read with the step
+    flags, so the step is skipped, as GradScaler.step would skip it, without a second synchronisation. The loss
+    meter keeps device tensors and reads them at `print_freq` boundaries (see utils.SmoothedValue).
 
     Returns `(stats, stopped_at, meter_totals)`: the meters averaged over ranks; the number of steps of the epoch
     done (counting the `start_step` skipped ones) when a stop request cut it short before its last step, else
@@ -85,26 +102,24 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         flags, work = start_step_flags(loss, stop_requested())
 
         optimizer.zero_grad(set_to_none=True)
+        found_inf = None
         if loss_scaler is not None:
             loss_scaler.scale(loss).backward()
+            found_inf = unscale_gradients(loss_scaler, optimizer)
         else:
             loss.backward()
-        nonfinite, stop = read_step_flags(flags, work)
+        nonfinite, stop, skip = read_step_flags(flags, work, found_inf)
         if nonfinite:
             value = loss.item()
             raise NonFiniteLossError(f'loss is {value if not math.isfinite(value) else "not finite on another process"}'
                                      f' at epoch {epoch}; lower --lr, set --clip-grad, or use --amp-dtype '
                                      'bfloat16/float32')
-        if loss_scaler is not None:
-            if max_norm:
-                loss_scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            loss_scaler.step(optimizer)
-            loss_scaler.update()
-        else:
-            if max_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        if max_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        if not skip:
             optimizer.step()
+        if loss_scaler is not None:
+            loss_scaler.update()  # backs the scale off after a skipped step, as after GradScaler.step
 
         if model_ema is not None:
             model_ema.update(ema_source)

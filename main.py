@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 import torch.backends.cudnn as cudnn
+from torch.distributed.elastic.multiprocessing.errors import record
 from timm.data import Mixup
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler
@@ -34,6 +35,7 @@ from models.checkpoint import (ADDON_KEY, CheckpointError, interpolate_pos_embed
 from samplers import RASampler, ResumableSampler
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM after a checkpoint; rerun with --auto_reload
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: stopped by Ctrl-C (after a checkpoint, when mid-training)
 PEER_LOST_EXIT_CODE = 1  # a collective failed: another rank died, hung or was killed
 LAUNCHER_GRACE_S = 10  # a rank that lost a peer waits this long for torchrun to stop it (see wait_for_launcher)
 DEFAULT_DATA_PATH = '/datasets01/imagenet_full_size/061417/'  # the authors' cluster; kept as the official default
@@ -438,14 +440,16 @@ def build_optimizer(args, model, lr: float) -> torch.optim.Optimizer:
 
 
 def build_optimization(args, model, amp_dtype: torch.dtype, steps_per_epoch: int):
-    """(optimizer, lr_scheduler, loss_scaler) for the plain model; the loss scaler only for float16 autocast.
-    With --sched-on-updates the schedule counts optimizer updates (`steps_per_epoch` a epoch), else epochs."""
+    """(optimizer, lr_scheduler, loss_scaler) for the plain model; the loss scaler (on the model's device type)
+    only for float16 autocast. With --sched-on-updates the schedule counts optimizer updates (`steps_per_epoch`
+    a epoch), else epochs."""
     lr = scaled_lr(args, utils.get_world_size())
     rule = '--unscale-lr: not scaled' if args.unscale_lr else \
         f'--lr {args.lr:g} x {args.batch_size} x {utils.get_world_size()} / 512'
     utils.log(f'learning rate: {lr:g} ({rule})')
     optimizer = build_optimizer(args, model, lr)
-    loss_scaler = torch.amp.GradScaler('cuda') if amp_dtype == torch.float16 else None
+    device_type = next(model.parameters()).device.type
+    loss_scaler = torch.amp.GradScaler(device_type) if amp_dtype == torch.float16 else None
     lr_scheduler, _ = create_scheduler(args, optimizer, updates_per_epoch=steps_per_epoch)
     return optimizer, lr_scheduler, loss_scaler
 
@@ -682,8 +686,8 @@ def epoch_entry(args, epoch: int, train_stats: dict, test_stats: dict, data: Dat
 
 
 def train_epoch(args, net, state: TrainingState, data: Data, criterion, device, amp_dtype, epoch: int,
-                mid: MidEpoch, stop_requested) -> dict:
-    """Train one epoch (from step `mid.step`); on SIGTERM, save a mid-epoch checkpoint and exit 75."""
+                mid: MidEpoch, stop: utils.StopRequest) -> dict:
+    """Train one epoch (from step `mid.step`); on a stop signal, save a mid-epoch checkpoint and exit."""
     if mid.step and mid.rng is not None:
         utils.set_rng_state(mid.rng, data.loader_generator)  # the states right after step `mid.step`
     else:
@@ -695,33 +699,46 @@ def train_epoch(args, net, state: TrainingState, data: Data, criterion, device, 
         stats, stopped_at, meter_totals = train_one_epoch(
             net, criterion, data.loader_train, state.optimizer, device, epoch, state.loss_scaler, amp_dtype,
             args.clip_grad, state.model_ema, data.mixup_fn, set_training_mode=args.train_mode,
-            print_freq=args.print_freq, stop_requested=stop_requested, start_step=mid.step,
+            print_freq=args.print_freq, stop_requested=lambda: bool(stop), start_step=mid.step,
             initial_meters=mid.meters if mid.step else None,
             on_update=(lambda done: state.lr_scheduler.step_update(epoch * data.steps_per_epoch + done))
             if args.sched_on_updates else None)
     except NonFiniteLossError as e:
         utils.fail(str(e), code=3)
     if stopped_at is not None:
-        save_preempted(args, state, data, epoch, stopped_at, meter_totals)
+        save_preempted(args, state, data, epoch, stopped_at, meter_totals, stop)
     return stats
 
 
-def save_preempted(args, state: TrainingState, data: Data, epoch: int, stopped_at: int, meter_totals: dict):
-    """SIGTERM during `epoch`: save the state after step `stopped_at` (as the last complete epoch plus those
-    steps, with every rank's meters and RNG states), wait for the write, exit 75 on every rank."""
+def save_preempted(args, state: TrainingState, data: Data, epoch: int, stopped_at: int, meter_totals: dict,
+                   stop: utils.StopRequest):
+    """A stop signal during `epoch`: save the state after step `stopped_at` (as the last complete epoch plus those
+    steps, with every rank's meters and RNG states), wait for the write, exit on every rank with the status of
+    the signal (75 for SIGTERM, 130 for Ctrl-C)."""
+    reason, code = stop.agreed()  # a collective: every rank takes part
     if args.output_dir:
         latest = os.path.join(args.output_dir, 'checkpoint.pth')
-        meters = utils.all_gather_object(meter_totals)  # collectives: every rank takes part
+        meters = utils.all_gather_object(meter_totals)
         rng = utils.all_gather_object(utils.rng_state(data.loader_generator))
         state.save(latest, resume_step=stopped_at, train_meters=meters, rng=rng)
         if utils.is_dist_avail_and_initialized():
             torch.distributed.barrier()  # no rank exits (and gets the launcher to kill rank 0) mid-write
-        utils.log(f'SIGTERM: saved {latest} after step {stopped_at}/{data.steps_per_epoch} of epoch {epoch}. '
+        utils.log(f'{reason}: saved {latest} after step {stopped_at}/{data.steps_per_epoch} of epoch {epoch}. '
                   'Rerun the same command with --auto_reload to continue from there.')
         saved = f'; saved at step {stopped_at}/{data.steps_per_epoch}, resumable with --auto_reload'
     else:
         saved = '; nothing saved (no --output_dir)'
-    utils.fail(f'preempted (SIGTERM) during epoch {epoch}{saved}', PREEMPTED_EXIT_CODE, ignore_sigterm=True)
+    utils.fail(f'{reason} during epoch {epoch}{saved}', code, ignore_sigterm=True)
+
+
+def stop_signals(stop: Optional[utils.StopRequest] = None) -> utils.StopRequest:
+    """`stop` (a new StopRequest if None) listening also to SIGTERM (preemption: exit 75) and SIGINT (Ctrl-C:
+    exit 130). A launcher may have added its own signals to `stop` (run_with_submitit.py: SLURM's
+    pre-timeout signal)."""
+    stop = stop if stop is not None else utils.StopRequest()
+    stop.install(signal.SIGTERM, 'preempted (SIGTERM)', PREEMPTED_EXIT_CODE)
+    stop.install(signal.SIGINT, 'interrupted (Ctrl-C)', INTERRUPTED_EXIT_CODE)
+    return stop
 
 
 def save_epoch(args, state: TrainingState, improved: bool):
@@ -735,20 +752,21 @@ def save_epoch(args, state: TrainingState, improved: bool):
         utils.publish_copy(latest, os.path.join(args.output_dir, 'best_checkpoint.pth'))
 
 
-def train(args, net, state: TrainingState, data: Data, criterion, device, amp_dtype, mid: MidEpoch):
-    """The epoch loop: train, step the LR schedule, evaluate, log, checkpoint; SIGTERM stops it resumably."""
+def train(args, net, state: TrainingState, data: Data, criterion, device, amp_dtype, mid: MidEpoch,
+          stop: Optional[utils.StopRequest] = None):
+    """The epoch loop: train, step the LR schedule, evaluate, log, checkpoint; a stop signal (SIGTERM, Ctrl-C,
+    those in `stop`) ends it resumably."""
     start_epoch = state.epoch + 1
     run_log = RunLog(args, start_epoch)
     for stale in utils.remove_stale_temp_files(args.output_dir):
         utils.log(f'Removed {stale}, left by a checkpoint write that was interrupted')
-    stop_requested = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
+    stop = stop_signals(stop)
 
     utils.log(f'Start training for {args.epochs} epochs')
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):
         train_stats = train_epoch(args, net, state, data, criterion, device, amp_dtype, epoch,
-                                  mid if epoch == start_epoch else MidEpoch(), lambda: bool(stop_requested))
+                                  mid if epoch == start_epoch else MidEpoch(), stop)
         state.lr_scheduler.step(epoch)
         test_stats = evaluate(data.loader_val, net, device, amp_dtype, args.print_freq)
         utils.log(f'Accuracy of the network on the {len(data.val)} test images: {test_stats["acc1"]:.1f}%')
@@ -758,9 +776,9 @@ def train(args, net, state: TrainingState, data: Data, criterion, device, amp_dt
         entry = epoch_entry(args, epoch, train_stats, test_stats, data, count_parameters(state.model))
         run_log.write(epoch, entry, addon_lambdas(state.model) if run_log.tb_writer is not None else {})
         save_epoch(args, state, improved)
-        if epoch + 1 < args.epochs and utils.any_rank(bool(stop_requested)):  # after rank 0 wrote the checkpoint
-            utils.fail(f'preempted (SIGTERM) after epoch {epoch}; resumable with --auto_reload', PREEMPTED_EXIT_CODE,
-                       ignore_sigterm=True)
+        if epoch + 1 < args.epochs and utils.any_rank(bool(stop)):  # after rank 0 wrote the checkpoint
+            reason, code = stop.agreed()
+            utils.fail(f'{reason} after epoch {epoch}; resumable with --auto_reload', code, ignore_sigterm=True)
     run_log.close()
     utils.log(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
 
@@ -785,12 +803,17 @@ def seed_epoch(seed: int, rank: int, epoch: int, loader_generator: torch.Generat
         loader_generator.manual_seed(value ^ 0x5DEECE66D)
 
 
-def main(args):
+@record
+def main(args, stop: Optional[utils.StopRequest] = None):
     """Run training or evaluation; a collective that fails because another rank died or hung ends the process
-    with one line (the launcher names the rank that failed first) instead of a traceback on every rank."""
+    with one line (the launcher names the rank that failed first) instead of a traceback on every rank.
+    `record` writes any other exception, with its traceback, to the error file torchrun gives each worker, so
+    torchrun's failure summary names the rank and shows its error. `stop` carries a launcher's own stop signals
+    (see `train`); Ctrl-C's handler is the caller's again on return."""
     check_args(args)
+    sigint = signal.getsignal(signal.SIGINT)
     try:
-        run(args)
+        run(args, stop)
     except RuntimeError as e:
         if utils.is_dist_avail_and_initialized() and utils.is_comm_error(e):
             message = utils.comm_error_message(e, args.dist_timeout)
@@ -800,6 +823,10 @@ def main(args):
         raise
     except DatasetError as e:  # an unreadable image met during training or evaluation
         utils.fail(one_line(e))
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second one inside it
+        utils.fail('interrupted (Ctrl-C); nothing saved since the last checkpoint', INTERRUPTED_EXIT_CODE)
+    finally:
+        signal.signal(signal.SIGINT, sigint)
 
 
 def wait_for_launcher(message: str):
@@ -829,7 +856,7 @@ def one_line(exc: BaseException) -> str:
     return last
 
 
-def run(args):
+def run(args, stop: Optional[utils.StopRequest] = None):
     """Train or evaluate as the flags say, in named steps: start-up checks, data, model, optimisation, restore,
     epoch loop. `args` is only read, never changed (a requeued SLURM job calls this again with the same object);
     the values derived from it (device, learning rate, classes, start epoch) live in what these steps return."""
@@ -854,7 +881,7 @@ def run(args):
         test_stats = evaluate(data.loader_val, net, device, amp_dtype, args.print_freq)
         utils.log(f'Accuracy of the network on the {len(data.val)} test images: {test_stats["acc1"]:.1f}%')
     else:
-        train(args, net, state, data, criterion, device, amp_dtype, mid)
+        train(args, net, state, data, criterion, device, amp_dtype, mid, stop)
 
 
 if __name__ == '__main__':

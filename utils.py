@@ -248,54 +248,61 @@ def launcher_placement(env, local_rank_arg=None) -> Optional[tuple]:
     return None
 
 
-def cuda_device_index(local_rank: int, rank: int, device_count: int) -> int:
-    """The CUDA device of this process: LOCAL_RANK when it indexes a visible device (every GPU of the node
-    visible to every task), else `rank % device_count` (SLURM binding one or a few GPUs per task, e.g.
-    `--gpus-per-task=1`: each task sees its GPU as device 0, and LOCAL_RANK 3 would be an invalid ordinal)."""
+def cuda_device_index(local_rank: int, rank: int, device_count: int, local_world_size: Optional[int] = None,
+                      visible: Optional[str] = None, srun: bool = False) -> int:
+    """The CUDA device of this process.
+
+    Under torchrun, torch.distributed.launch and submitit every process sees all the GPUs of its node: it takes
+    device LOCAL_RANK, and more processes on the node (LOCAL_WORLD_SIZE, else at least LOCAL_RANK + 1) than
+    visible devices is a ValueError naming LOCAL_RANK, the device count and CUDA_VISIBLE_DEVICES (`visible`);
+    `rank % device_count` would put two processes on one GPU, which NCCL refuses ("Duplicate GPU").
+    Started by srun itself (`srun`: placement from SLURM_LOCALID), SLURM may bind one or a few GPUs to each
+    task (`--gpus-per-task`, `--gpu-bind`): a task then sees its own GPUs from device 0 on, and one whose
+    LOCAL_RANK is beyond them takes `rank % device_count`.
+    """
     if device_count < 1:
         raise ValueError('no CUDA device is visible to this process (check CUDA_VISIBLE_DEVICES and the GPUs '
                          'SLURM gave the task), or pass --device cpu')
-    return local_rank if 0 <= local_rank < device_count else rank % device_count
-
-
-NCCL_ERROR_HANDLING = {
-    # A failed or timed-out NCCL collective aborts the communicators and ends the process (SIGABRT), instead of
-    # leaving it blocked on the GPU. Timeouts are --dist-timeout; the watchdog checks them in the background.
-    'TORCH_NCCL_ASYNC_ERROR_HANDLING': '1',
-}
-
-
-def configure_nccl_error_handling(env=None) -> dict:
-    """Set NCCL_ERROR_HANDLING in `env` (os.environ) where the user has not chosen otherwise; returns what was set.
-    Must run before the NCCL process group is created (the variables are read then)."""
-    env = os.environ if env is None else env
-    chosen = {k: v for k, v in NCCL_ERROR_HANDLING.items()
-              if k not in env and k.replace('TORCH_', '', 1) not in env}  # NCCL_ASYNC_ERROR_HANDLING: old name
-    env.update(chosen)
-    return chosen
+    if srun and local_rank >= device_count:
+        return rank % device_count
+    processes = max(local_rank + 1, local_world_size or 0)
+    if processes > device_count:
+        shown = 'unset' if visible is None else repr(visible)
+        raise ValueError(f'LOCAL_RANK {local_rank}: {processes} processes on this node for {device_count} visible '
+                         f'CUDA device(s) (CUDA_VISIBLE_DEVICES={shown}), so two would share a GPU; start at most '
+                         f'{device_count} processes per node (torchrun --nproc_per_node, run_with_submitit.py '
+                         '--ngpus), or make more GPUs visible')
+    return local_rank
 
 
 def init_distributed_mode(args) -> torch.device:
     """Join the process group described by the launcher's environment, if any, and return this process's device.
 
-    The backend follows the device: nccl on CUDA (with NCCL_ERROR_HANDLING), gloo else. `args` is only read.
+    The backend follows the device: nccl on CUDA, gloo else. `args` is only read. TORCH_NCCL_ASYNC_ERROR_HANDLING
+    is left as it is: torch's default (3) ends the process on a failed or timed-out NCCL collective without
+    calling ncclCommAbort, which can hang; torchrun sets 1 (abort, then end) in its workers unless it is set.
     """
     use_cuda = args.device.startswith('cuda')
     if use_cuda and not torch.cuda.is_available():
         fail('--device cuda but CUDA is not available; pass --device cpu')
     placement = launcher_placement(os.environ, args.local_rank)
     if placement is None:
-        return torch.device(args.device)
+        device = torch.device(args.device)
+        if use_cuda and device.index is not None:  # e.g. --device cuda:1: the device whose RNG state is saved
+            torch.cuda.set_device(device)
+        return device
     rank, world_size, local_rank = placement
     _stop_with_launcher()
     device = torch.device('cpu')
     if use_cuda:
         try:
-            device = torch.device('cuda', cuda_device_index(local_rank, rank, torch.cuda.device_count()))
+            local_world_size = int(os.environ['LOCAL_WORLD_SIZE']) if 'LOCAL_WORLD_SIZE' in os.environ else None
+            device = torch.device('cuda', cuda_device_index(
+                local_rank, rank, torch.cuda.device_count(), local_world_size,
+                os.environ.get('CUDA_VISIBLE_DEVICES'), srun='RANK' not in os.environ))
         except ValueError as e:
             fail(str(e))
         torch.cuda.set_device(device)
-        configure_nccl_error_handling()
     backend = 'nccl' if use_cuda else 'gloo'
     try:
         dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=world_size, rank=rank,
@@ -313,6 +320,38 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([float(flag)], device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+class StopRequest:
+    """The signals that ask a training run to stop after its current step, resumably: each handler only records
+    the signal; the training loop reads the record between steps, every rank stops after the same step (the
+    step flags), and a mid-epoch checkpoint is written before the run exits. A second SIGINT (Ctrl-C) raises
+    KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.received = []  # signal numbers, in the order they came
+        self.reasons = {}  # signal number -> (what the exit line calls it, exit status)
+        self.agreed_signal = None  # set by agreed()
+
+    def install(self, signum: int, reason: str, exit_code: int):
+        self.reasons[signum] = (reason, exit_code)
+        signal.signal(signum, self._record)
+
+    def _record(self, signum, frame):
+        if signum == signal.SIGINT and signum in self.received:
+            raise KeyboardInterrupt
+        self.received.append(signum)
+
+    def __bool__(self) -> bool:
+        return bool(self.received)
+
+    def agreed(self) -> tuple:
+        """`(reason, exit status)` of the first signal of the lowest rank that received one: the same on every
+        rank (a collective when distributed), also on ranks that received none. That signal is kept in
+        `agreed_signal`."""
+        firsts = [r[0] for r in all_gather_object(self.received[:1]) if r]
+        self.agreed_signal = firsts[0] if firsts else next(iter(self.reasons))
+        return self.reasons[self.agreed_signal]
 
 
 def _stop_with_launcher():
@@ -468,13 +507,14 @@ def all_gather_object(obj) -> list:
 
 def rng_state(loader_generator: torch.Generator = None) -> dict:
     """This process's random number generator states, as plain tensors/lists (loadable with weights_only=True):
-    torch CPU, CUDA (all devices, when initialised), numpy's global RandomState, python's `random`, and the
-    training DataLoader's generator."""
+    torch CPU, CUDA (this process's own device, the current one, when CUDA is initialised; another rank's
+    devices are none of its business, and a resumed run may see fewer of them), numpy's global RandomState,
+    python's `random`, and the training DataLoader's generator."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     return {
         'torch': torch.get_rng_state(),
-        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
         'numpy': [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
         'python': [version, list(internal), gauss_next],
         'loader': loader_generator.get_state() if loader_generator is not None else None,
@@ -482,10 +522,11 @@ def rng_state(loader_generator: torch.Generator = None) -> dict:
 
 
 def set_rng_state(state: dict, loader_generator: torch.Generator = None):
-    """Restore what `rng_state` returned."""
+    """Restore what `rng_state` returned; the CUDA state goes to this process's current device, whatever device
+    it was saved from (a list there, one state per visible device as older checkpoints kept it, is skipped)."""
     torch.set_rng_state(state['torch'])
-    if state.get('cuda') and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    if isinstance(state.get('cuda'), torch.Tensor) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'])
     kind, keys, pos, has_gauss, cached = state['numpy']
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss_next = state['python']

@@ -5,8 +5,11 @@ smoothing, DDP) and train an epoch through engine.train_one_epoch while counting
   * collectives: every torch.distributed Python call (all_reduce, all_gather, barrier, ...). DDP's gradient
     buckets are reduced from C++ and are not counted, as they should not be;
   * host reads: `.item()`, `.tolist()`, `bool()`, `float()`, `int()`, `.numpy()` of a tensor, called from this
-    repository's code (on a GPU each is a device synchronisation; torch's and timm's own are not counted).
-The first and last steps print progress lines and are excluded; the steps in between must do exactly one of each.
+    repository's code or from torch's GradScaler (on a GPU each is a device synchronisation; the rest of torch's
+    and timm's reads are of host tensors, such as the optimizer's step counts, and are not counted).
+The first and last steps print progress lines and are excluded; the steps in between must do exactly one of each,
+in float32, in bfloat16 autocast, and in float16 autocast with main.py's GradScaler (the CPU one here;
+GradScaler.step would read its inf flag in a second synchronisation).
 The same group then checks that the step flags do their job: a stop requested on one rank only, and a loss that
 is NaN on one rank only, end the epoch on both ranks at the same step.
 """
@@ -29,6 +32,7 @@ COLLECTIVES = ('all_reduce', 'all_gather', 'all_gather_object', 'all_gather_into
                'broadcast_object_list', 'barrier', 'reduce', 'reduce_scatter', 'reduce_scatter_tensor', 'gather',
                'scatter', 'all_to_all', 'monitored_barrier')
 READS = ('item', 'tolist', '__bool__', '__float__', '__int__', '__index__', 'numpy')
+GRAD_SCALER = os.path.join('torch', 'amp', 'grad_scaler.py')
 
 
 def free_port() -> int:
@@ -60,7 +64,8 @@ def count_collectives(counts: Counts):
 
 def read_counter(counts: Counts):
     """A TorchFunctionMode that counts the host reads made by this repository's code (not the tests', nor torch's
-    and timm's in a virtual environment inside the checkout, as scripts/test.sh makes it)."""
+    and timm's in a virtual environment inside the checkout, as scripts/test.sh makes it) and by torch's
+    GradScaler."""
     from torch.overrides import TorchFunctionMode
     ours = str(ROOT) + os.sep
 
@@ -68,7 +73,8 @@ def read_counter(counts: Counts):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             if getattr(func, '__name__', '') in READS:
                 caller = sys._getframe(1).f_code.co_filename
-                if caller.startswith(ours) and not caller.startswith((str(ROOT / 'tests'), sys.prefix + os.sep)):
+                if caller.endswith(GRAD_SCALER) or caller.startswith(ours) and not caller.startswith(
+                        (str(ROOT / 'tests'), sys.prefix + os.sep)):
                     counts.reads += 1
             return func(*args, **(kwargs or {}))
     return CountReads()
@@ -126,13 +132,22 @@ def worker(rank: int, world_size: int, port: int, data: str, out: str):
     loader = CountingLoader(data.loader_train, counts)
     data.loader_train.sampler.set_epoch(0)
 
-    def epoch(stop_requested=lambda: False, loss_criterion=criterion):
-        return engine.train_one_epoch(net, loss_criterion, loader, optimizer, device, 0, loss_scaler, torch.float32,
+    def epoch(stop_requested=lambda: False, loss_criterion=criterion, amp_dtype=torch.float32, scaler=loss_scaler):
+        return engine.train_one_epoch(net, loss_criterion, loader, optimizer, device, 0, scaler, amp_dtype,
                                       None, model_ema, data.mixup_fn, print_freq=args.print_freq,
                                       stop_requested=stop_requested)
     with read_counter(counts):
         stats, stopped_at, _ = epoch()
     result.update(steps=loader.steps(), stopped_at=stopped_at, loss=stats['loss'])
+
+    with read_counter(counts):
+        stats = epoch(amp_dtype=torch.bfloat16)[0]
+    result.update(bfloat16_steps=loader.steps(), bfloat16_loss=stats['loss'])
+    _, _, scaler = main.build_optimization(args, model, torch.float16, steps_per_epoch=4)
+    with read_counter(counts):
+        stats = epoch(amp_dtype=torch.float16, scaler=scaler)[0]
+    result.update(float16_steps=loader.steps(), float16_loss=stats['loss'], scaler=str(scaler._device),
+                  float16_scale=scaler.get_scale())
 
     calls = []  # rank 1 alone asks to stop, from its third step on
     result['stop_at'] = epoch(lambda: calls.append(1) is None and rank == 1 and len(calls) >= 3)[1]
@@ -158,7 +173,52 @@ def test_one_collective_and_one_host_read_per_step(tmp_path):
         assert len(steps) == 6  # 48 images x 3 repeats / 3 (RASampler) / 2 ranks / batch 4
         assert steps[1:-1] == [[1, 1]] * 4, steps  # the first and the last step print a progress line
         assert result['stopped_at'] is None and 0 < result['loss'] < 10
+        assert result['bfloat16_steps'][1:-1] == [[1, 1]] * 4 and 0 < result['bfloat16_loss'] < 10, result
+        assert result['float16_steps'][1:-1] == [[1, 1]] * 4, result['float16_steps']
+        assert result['scaler'] == 'cpu' and 0 < result['float16_loss'] < 10
+        assert result['float16_scale'] in (2. ** 16, 2. ** 15, 2. ** 14)  # at most a couple of skipped steps
         assert result['compile_wraps_ddp']
         assert result['stop_at'] == 3  # rank 1 asked during its third step: both ranks stop after it
     assert results[0]['nan'].startswith('loss is not finite on another process at epoch 0; lower --lr')
     assert results[1]['nan'].startswith('loss is nan at epoch 0; lower --lr')
+
+
+def test_float16_steps_are_those_of_gradscaler_step():
+    """engine.train_one_epoch in float16 autocast with a GradScaler (the CPU one) ends bit for bit where the
+    documented loop `scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()` ends, also when a
+    step's gradients are not finite (step 2 here: skipped, and the scale halved, in both)."""
+    import copy
+    import engine
+    import models
+    from losses import DistillationLoss
+    torch.manual_seed(0)
+    ours = models.create_model('attnscale_tiny_12', depth=2, embed_dim=48, num_heads=2, patch_size=8, img_size=32,
+                               num_classes=4)
+    theirs = copy.deepcopy(ours)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 4, (4,), generator=gen)) for _ in range(4)]
+    criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), None, 'none', 0., 1.)
+    runs = []
+    for model in (ours, theirs):
+        backward_passes = []
+        model.head.weight.register_hook(lambda g, n=backward_passes: g * float('inf') if len(n) == 1 else g)
+        model.register_full_backward_pre_hook(lambda m, g, n=backward_passes: n.append(1))
+        torch.manual_seed(1)  # drop path
+        runs.append((model, torch.optim.AdamW(model.parameters(), lr=1e-3), torch.amp.GradScaler('cpu', 2. ** 10)))
+    model, optimizer, scaler = runs[0]
+    engine.train_one_epoch(model, criterion, batches, optimizer, torch.device('cpu'), 0, scaler, torch.float16,
+                           print_freq=10 ** 6)
+    model, optimizer, scaler = runs[1]
+    torch.manual_seed(1)
+    model.train()
+    for samples, targets in batches:
+        with torch.autocast('cpu', dtype=torch.float16):
+            loss = criterion(samples, model(samples), targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    assert runs[0][2].get_scale() == runs[1][2].get_scale() == 2. ** 9
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert int(runs[0][1].state_dict()['state'][0]['step']) == int(runs[1][1].state_dict()['state'][0]['step']) == 3
