@@ -237,6 +237,9 @@ def check_optimization(flags: Flags):
         optimizer = create_optimizer_v2(stand_in, **dict(optimizer_kwargs(cfg=args), lr=args.lr))
     except (ValueError, TypeError, AssertionError) as e:
         utils.fail(f'--opt {args.opt}: {first_line(e)}')
+    if args.sched == 'none':
+        utils.fail('--sched none: main.py steps a schedule every epoch; fix: for a fixed learning rate pass --sched '
+                   'constant --warmup-epochs 0')
     choose('--sched', args.sched, SCHEDULERS)
     if args.sched == 'plateau' and args.sched_on_updates:
         utils.fail('--sched plateau steps once an epoch (on the accuracy); fix: drop --sched-on-updates')
@@ -440,7 +443,7 @@ def check_combinations(flags: Flags):
                                      'a run anyway)'))
     for a, b, why in pairs:
         if getattr(args, a) and getattr(args, b):
-            utils.fail(f'{flags.flag(a)} and {flags.flag(b)} {why}; fix: pass one of them')
+            utils.fail(f'{flags.flag(a)} and {flags.flag(b)} {why}; pass one of them')
     if args.eval and not (args.resume or args.finetune or args.pretrained or reloads(args)):
         utils.fail('--eval needs weights to evaluate; fix: pass --resume <checkpoint>, --finetune <checkpoint> or '
                    '--pretrained' + (f' (--auto_reload found no checkpoint in {args.output_dir})'
@@ -517,8 +520,8 @@ def check_needs(flags: Flags):
     for dest, needed, present in NEEDS:
         value = getattr(flags.args, dest)
         if flags.given(dest) and not turned_off(value) and not present(flags.args):
-            utils.fail(f'{flags.shown(dest)} has no effect without {needed}; fix: drop {flags.flag(dest)}, or add '
-                       f'{needed}')
+            add = f', or add {needed}' if needed.startswith('--') else ''
+            utils.fail(f'{flags.shown(dest)} has no effect without {needed}; fix: drop {flags.flag(dest)}{add}')
 
 
 def turned_off(value) -> bool:
