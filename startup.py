@@ -603,12 +603,14 @@ def check_resume(args, parser, path: str, ckpt: dict):
     if not path:
         return
     probe = probe_model(args)
-    optional = [k for k in probe.state_dict() if ADDON_KEY.search(k)] + classifier_keys(probe)
+    addons = [k for k in probe.state_dict() if ADDON_KEY.search(k)]
+    state = to_model_layout(probe, model_state(ckpt))
     try:
-        check_fit(probe, to_model_layout(probe, model_state(ckpt)), path, optional=optional)
+        check_fit(probe, state, path, optional=addons + classifier_keys(probe))
     except CheckpointError as e:
         utils.fail(str(e))
-    if args.eval or not all(k in ckpt for k in ('optimizer', 'lr_scheduler', 'epoch')):
+    baseline = any(k not in state for k in addons)  # fine-tuning with an add-on starts at epoch 0 (main.restore)
+    if args.eval or baseline or not all(k in ckpt for k in ('optimizer', 'lr_scheduler', 'epoch')):
         return
     flags, done = Flags(args, parser), ckpt['epoch'] + 1
     if flags.given('start_epoch'):

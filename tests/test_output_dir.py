@@ -169,3 +169,14 @@ def test_disk_full_while_saving_is_one_line_and_the_previous_checkpoint_survives
                                 r'unchanged; fix: free disk space, then rerun with --auto_reload', status=74)
     assert {n: (run_dir / n).read_bytes() for n in checkpoints} == checkpoints
     assert not list(run_dir.glob('*.tmp*')) and (run_dir / 'log.txt').read_bytes().startswith(old_log)
+
+
+def test_a_baseline_checkpoint_with_training_state_starts_a_fine_tune(data, finished, tmp_path):
+    """A checkpoint of the plain model (2 epochs trained, its optimizer state with it) given to an add-on model is a
+    starting point (main.restore: the gains start at zero, training at epoch 0), so --epochs 1 is not too short."""
+    out = tmp_path / 'addon'
+    argv = args(data, out, '--epochs', 1, '--resume', finished / 'checkpoint.pth')
+    code, stdout, err = run_main(['--model', 'attnscale_tiny_12', *argv[2:]])
+    assert code == 0, err
+    assert f'Initialised from baseline checkpoint {finished}/checkpoint.pth; 2 add-on parameters start at zero' in stdout
+    assert log_epochs(out) == [0]
