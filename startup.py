@@ -17,6 +17,7 @@ import difflib
 import functools
 import math
 import os
+import re
 import sys
 from typing import NamedTuple
 
@@ -123,7 +124,8 @@ class Flags:
         """The flag as the user would write it: '--lr 0.001', '--opt-betas 0.9 0.99', '--no-model-ema'."""
         value = getattr(self.args, dest)
         if isinstance(value, bool):
-            return next(a.option_strings[0] for a in self.actions[dest] if a.const is value)
+            spelled = [a.option_strings[0] for a in self.actions[dest] if a.const is value]
+            return spelled[0] if spelled else f'{self.flag(dest)} off'
         shown = ' '.join(map(str, value)) if isinstance(value, list) else value
         return f'{self.flag(dest)} {shown}'
 
@@ -146,7 +148,6 @@ def check_args(args, parser):
     check_files(flags)
     rundir.check_fresh_start(args)
     warn_unused(flags)
-    return probe
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,7 +266,7 @@ def default_transform(args) -> bool:
 
 def check_augmentation(flags: Flags):
     """--remode, --mixup-mode and --train-interpolation by name; --aa by building the training transform with
-    timm; mixup's even batch; then both transforms, which also checks --eval-crop-ratio and --input-size."""
+    timm; mixup's even batch."""
     args = flags.args
     choose('--remode', args.remode, REMODES)
     choose('--mixup-mode', args.mixup_mode, MIXUP_MODES)
@@ -371,10 +372,10 @@ def _build(name: str, kwargs: dict, optional: dict, given: str) -> torch.nn.Modu
 
 
 def unexpected_keyword(e: TypeError) -> str:
-    """The argument a constructor refused ("__init__() got an unexpected keyword argument 'img_size'"), or ''."""
-    text = str(e)
-    marker = "unexpected keyword argument '"
-    return text.split(marker, 1)[1].split("'", 1)[0] if marker in text else ''
+    """The argument a constructor refused, or '': Python's "got an unexpected keyword argument 'img_size'", or
+    timm's "got unexpected keyword argument(s): ['img_size']"."""
+    found = re.search(r"unexpected keyword argument(?:\(s\))?:? \[?'(\w+)'", str(e))
+    return found.group(1) if found else ''
 
 
 def model_error(name: str, given: str, e: Exception) -> str:
@@ -438,7 +439,7 @@ def check_combinations(flags: Flags):
              ('pretrained', 'resume', 'both choose the starting weights'),
              ('finetune', 'resume', 'both choose the starting weights (--resume would replace what --finetune loads)'),
              ('shift_aug', 'ThreeAugment', 'both choose the training transform'),
-             ('overwrite', 'auto_reload', 'start over and continue the run in --output_dir'),
+             ('overwrite', 'auto_reload', 'ask to start over and to continue the run in --output_dir'),
              ('overwrite', 'resume', 'are for different starts (--resume may write into an --output_dir that holds '
                                      'a run anyway)'))
     for a, b, why in pairs:
