@@ -524,7 +524,10 @@ def resolve_resume(args):
         for path in (latest, previous):
             if os.path.exists(path):
                 try:
-                    return path, load_checkpoint(path, allow_unsafe=args.unsafe_load)
+                    ckpt = load_checkpoint(path, allow_unsafe=args.unsafe_load)
+                    if args.resume:
+                        utils.log(f'--auto_reload continues from {path}; --resume {args.resume} is not used')
+                    return path, ckpt
                 except CheckpointError as e:
                     if path == latest:
                         utils.log(f'warning: cannot resume from the latest checkpoint: {e}; resuming from the '
