@@ -31,7 +31,8 @@ from datasets import DatasetError, build_dataset
 from engine import NonFiniteLossError, evaluate, throughput, train_one_epoch
 from losses import DistillationLoss, build_criterion
 from models.checkpoint import (ADDON_KEY, CheckpointError, classifier_keys, fit_report, fitted_share,
-                               interpolate_pos_embed, load_checkpoint, load_state_dict, model_state, split_fit)
+                               interpolate_pos_embed, load_checkpoint, load_state_dict, model_state, split_fit,
+                               unused_share)
 from samplers import RASampler, ResumableSampler
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM after a checkpoint; rerun with --auto_reload
@@ -304,6 +305,9 @@ def load_finetune(model, path: str, unsafe: bool) -> Finetuned:
     model.load_state_dict(fits, strict=False)
     utils.log(f'Fine-tuning from {path}: {len(fits)} of {len(own)} tensors loaded ({share:.0%} of the weights); newly '
               f'initialised: {fresh}; ignored: {unused}')
+    if unused_share(state, fits) > 0.5:
+        utils.log(f'warning: --finetune {path}: {unused_share(state, fits):.0%} of its weights are not used (a '
+                  'checkpoint of a larger or another model?)', file=sys.stderr)
     if any(ADDON_KEY.search(k) for k in fresh):
         utils.log(f'{path} has no add-on parameters: they start at zero, so the model starts as the checkpoint\'s')
     return Finetuned(fresh, ckpt.get('classes'))

@@ -75,8 +75,11 @@ def check_checkpoint_file(path: str) -> str:
     so a text file or an image is not taken for a checkpoint carrying pickled code."""
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint {path} does not exist: check the path given to --resume/--finetune')
-    with open(path, 'rb') as f:
-        head = f.read(16)
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(16)
+    except OSError as e:
+        raise CheckpointError(f'cannot read checkpoint {path} ({e.strerror}); fix: check its permissions') from None
     for kind, magic in FORMATS:
         if head.startswith(magic):
             return kind
@@ -192,6 +195,13 @@ def split_fit(model: torch.nn.Module, state: dict) -> tuple:
     own = model.state_dict()
     fits = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
     return fits, [k for k in own if k not in fits], [k for k in state if k not in fits]
+
+
+def unused_share(state: dict, fits: dict) -> float:
+    """The share of a checkpoint's weights (by element count) that `fits` leaves unused."""
+    total = sum(v.numel() for v in state.values() if isinstance(v, torch.Tensor))
+    used = sum(v.numel() for v in fits.values())
+    return 1 - used / total if total else 0.0
 
 
 def fitted_share(model: torch.nn.Module, fits: dict) -> float:
