@@ -141,6 +141,25 @@ def test_finetune_says_what_it_loaded(data, finished):
            "initialised: ['head.weight', 'head.bias']; ignored: []" in out.getvalue()
 
 
+def test_finetune_warns_when_most_of_the_checkpoint_is_unused(data, tmp_path):
+    """A deeper CaiT checkpoint of the same width shares DeiT's block names (qkv, proj, mlp), so most of DeiT loads
+    from it, but its further blocks, talking-heads projections, layer scales and class-attention blocks are left
+    over: a warning says how much of it is unused."""
+    cait = models.create_model('cait_xxs24_224', img_size=32, patch_size=8, depth=4, embed_dim=48, num_heads=2,
+                               num_classes=2)
+    path = tmp_path / 'cait.pth'
+    torch.save({'model': cait.state_dict()}, path)
+    args = argparse.ArgumentParser(parents=[main.get_args_parser()]).parse_args(
+        [str(a) for a in [*TINY, '--data-path', data, '--finetune', path, '--no-model-ema']])
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        model, _ = main.prepare_model(args, 2, torch.device('cpu'))
+    own = model.state_dict()
+    used = sum(v.numel() for k, v in cait.state_dict().items() if k in own and own[k].shape == v.shape)
+    unused = 1 - used / sum(v.numel() for v in cait.state_dict().values())
+    assert unused > 0.5
+    assert f'warning: --finetune {path}: {unused:.0%} of its weights are not used' in err.getvalue()
+
+
 def test_eval_refuses_a_head_it_would_initialise(finished, tmp_path):
     three = make_image_folder(tmp_path / 'three', num_classes=3, train_per_class=1, val_per_class=1)
     before = snapshot(finished)

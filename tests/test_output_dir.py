@@ -180,3 +180,29 @@ def test_a_baseline_checkpoint_with_training_state_starts_a_fine_tune(data, fini
     assert code == 0, err
     assert f'Initialised from baseline checkpoint {finished}/checkpoint.pth; 2 add-on parameters start at zero' in stdout
     assert log_epochs(out) == [0]
+
+
+def test_without_flock_the_pid_in_the_lock_file_decides(tmp_path, monkeypatch):
+    """A file system without flock (some network mounts): a lock naming a live process on this host, or any
+    process on another host, is refused; one naming a dead process here is taken over."""
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, 'No locks available')
+    monkeypatch.setattr(rundir.fcntl, 'flock', no_locks)
+    lock_file = tmp_path / 'run.lock'
+    host = rundir.socket.gethostname()
+    with subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']) as alive:
+        try:
+            for holder in (f'pid {alive.pid} on {host} since now', f'pid 1 on another-host since now'):
+                lock_file.write_text(holder + '\n')
+                with pytest.raises(rundir.RunLockError, match=rf'is in use by another run \({holder}; '):
+                    rundir.RunLock(str(tmp_path)).acquire()
+                assert lock_file.read_text() == holder + '\n'
+        finally:
+            alive.kill()
+    lock_file.write_text(f'pid {alive.pid} on {host} since then\n')  # killed, and waited for: no longer running
+    lock = rundir.RunLock(str(tmp_path))
+    assert lock.acquire() == f'Took over {lock_file}, left by pid {alive.pid} on {host} since then, which is no ' \
+                             'longer running'
+    assert lock_file.read_text().startswith(f'pid {os.getpid()} on {host} since ')
+    lock.release()
+    assert not lock_file.exists()
