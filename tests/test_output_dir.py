@@ -178,7 +178,8 @@ def test_a_baseline_checkpoint_with_training_state_starts_a_fine_tune(data, fini
     argv = args(data, out, '--epochs', 1, '--resume', finished / 'checkpoint.pth')
     code, stdout, err = run_main(['--model', 'attnscale_tiny_12', *argv[2:]])
     assert code == 0, err
-    assert f'Initialised from baseline checkpoint {finished}/checkpoint.pth; 2 add-on parameters start at zero' in stdout
+    assert f'Initialised from baseline checkpoint {finished}/checkpoint.pth; 2 add-on parameters start at ' \
+           'zero' in stdout
     assert log_epochs(out) == [0]
 
 
