@@ -2,8 +2,6 @@
 traceback; export_weights.py never overwrites an export and exports --addon checkpoints as documented."""
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -63,12 +61,6 @@ def test_an_unexpected_exception_is_one_line_naming_its_class(capsys):
         return {}['missing']
     assert main([]) == 1
     assert capsys.readouterr().err == "tool.py: error: KeyError: 'missing'\n"
-
-
-def test_a_script_run_as_a_program_prints_no_traceback(text_file, tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'export_weights.py'), '--checkpoint', str(text_file),
-                           '--output', str(tmp_path / 'out')], capture_output=True, text=True, timeout=120)
-    assert_one_error(proc.returncode, proc.stderr, 'is not a PyTorch checkpoint', prefix='export_weights.py: error: ')
 
 
 # ---------------------------------------------------------------------------------------------------------------
