@@ -303,7 +303,7 @@ def load_finetune(model, path: str, unsafe: bool) -> Finetuned:
             + (f' ({trained})' if trained else '') + '; fix: pass a checkpoint of this --model, or set --model to '
             "the checkpoint's")
     model.load_state_dict(fits, strict=False)
-    utils.log(f'Fine-tuning from {path}: {len(fits)} of {len(own)} tensors loaded ({share:.0%} of the weights); newly '
+    utils.log(f'Fine-tuning from {path}: {len(fits)} of {len(own)} tensors loaded ({share:.1%} of the weights); newly '
               f'initialised: {fresh}; ignored: {unused}')
     if unused_share(state, fits) > 0.5:
         utils.log(f'warning: --finetune {path}: {unused_share(state, fits):.0%} of its weights are not used (a '

@@ -137,7 +137,7 @@ def test_finetune_says_what_it_loaded(data, finished):
         [str(a) for a in [*TINY, '--data-path', data, '--finetune', finished / 'checkpoint.pth', '--no-model-ema']])
     with contextlib.redirect_stdout(io.StringIO()) as out:
         main.prepare_model(args, 3, torch.device('cpu'))
-    assert f'Fine-tuning from {finished}/checkpoint.pth: 30 of 32 tensors loaded (100% of the weights); newly ' \
+    assert f'Fine-tuning from {finished}/checkpoint.pth: 30 of 32 tensors loaded (100.0% of the weights); newly ' \
            "initialised: ['head.weight', 'head.bias']; ignored: []" in out.getvalue()
 
 
