@@ -19,15 +19,16 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 from torchvision.datasets import ImageFolder  # noqa: E402
 
+import cli  # noqa: E402
 import diagnostics  # noqa: E402
 import models  # noqa: E402
 from datasets import build_transform  # noqa: E402
-from models.checkpoint import CheckpointError, load_checkpoint, model_state  # noqa: E402
+from models.checkpoint import load_checkpoint, model_state  # noqa: E402
 
 NO_CHECKPOINT = ('', 'none')  # a --resume entry that keeps a model at its random init
 
 
-class AnalyzeError(Exception):
+class AnalyzeError(cli.ScriptError):
     """A bad command line or input, reported as one line with exit code 2."""
 
 
@@ -291,13 +292,9 @@ def analyze(args) -> None:
     print_table(results)
 
 
+@cli.one_line_errors('analyze.py')
 def main(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        analyze(args)
-    except (AnalyzeError, CheckpointError) as e:
-        print(f'analyze.py: error: {e}', file=sys.stderr)
-        return 2
+    analyze(get_args_parser().parse_args(argv))
     return 0
 
 

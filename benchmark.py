@@ -62,6 +62,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import cli  # noqa: E402
 import gpu_cost  # noqa: E402
 import models  # noqa: E402  (registers our variants in timm's registry)
 from engine import autocast  # noqa: E402  (the training loop's own mixed-precision context)
@@ -713,6 +714,7 @@ def benchmark_data(args) -> dict:
     return dict(config=config, environment=env, raw=raw, summary=summary)
 
 
+@cli.one_line_errors('benchmark.py')
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.threads:

@@ -19,11 +19,12 @@ import logging
 import os
 import random
 
+import numpy as np
 import torch
 from PIL import Image, ImageFilter
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
 from torchvision import datasets, transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode
 
 _logger = logging.getLogger(__name__)
@@ -80,15 +81,34 @@ _guard_posterize()
 # ---------------------------------------------------------------------------------------------------------------
 
 def load_rgb(path: str) -> Image.Image:
-    """Decode the image at `path` fully as RGB; any failure becomes a DatasetError naming the file."""
+    """Decode the image at `path` fully as RGB; any failure becomes a DatasetError naming the file. Images of more
+    than 8 bits per channel are scaled from their range to 8 bits (to_8bit), not clipped."""
     try:
         with Image.open(path) as img:
-            return img.convert('RGB')
+            return to_8bit(img, path).convert('RGB')
+    except DatasetError:
+        raise
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... depending on the format
         reason = (str(exc).splitlines() or [''])[0]
         raise DatasetError(
             f'cannot read image {path} ({type(exc).__name__}: {reason}); fix: replace or delete the file, '
             f'or pass --skip-bad-images to skip unreadable images') from exc
+
+
+def to_8bit(img: Image.Image, path: str) -> Image.Image:
+    """`img` with 8-bit channels. Pillow's own conversion clips: a 16-bit image (modes I;16*, and I as 16-bit PNGs
+    open) would turn white and a float image (mode F, values in [0, 1]) black. Here 16-bit values are scaled from
+    [0, 65535] and float values from [0, 1]; values outside those ranges cannot be mapped without a guess, and
+    the file is refused, like an unreadable one."""
+    if img.mode not in ('F', 'I') and not img.mode.startswith('I;16'):
+        return img
+    values = np.asarray(img, dtype=np.float64)
+    top = 1.0 if img.mode == 'F' else 65535.0
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > top:
+        raise DatasetError(f'cannot read image {path} ({img.mode} image with values in [{low:g}, {high:g}], outside '
+                           f'[0, {top:g}]); fix: save it as an 8-bit image, or pass --skip-bad-images to skip it')
+    return Image.fromarray(np.rint(values * (255.0 / top)).astype(np.uint8), mode='L')
 
 
 class ImageListDataset(torch.utils.data.Dataset):
@@ -184,16 +204,68 @@ def class_folders(split_dir: str) -> list:
     raise DatasetError(f'{split_dir} has no class folders; fix: put each class\'s images in {split_dir}/<class>/')
 
 
+def find_images(split_dir: str, class_to_idx: dict) -> list:
+    """`(path, class index)` of every image under `split_dir/<class>/`, at any depth, folder links followed, in
+    torchvision's `make_dataset` order (folders by path, files by name).
+
+    A folder link that leads back to a folder being walked (a cycle, which os.walk would follow until paths got
+    too long) and a file reached from two classes (through links) are DatasetErrors naming the paths."""
+    folders, linked = [], False  # folders: (class index, path, real path, file names)
+    for name, index in sorted(class_to_idx.items()):
+        top, found = os.path.join(split_dir, name), []
+        linked |= _walk(top, os.path.realpath(top), frozenset([os.path.realpath(split_dir)]), index, found)
+        folders += sorted(found, key=lambda f: f[1])
+    samples = [(os.path.join(folder, n), index) for index, folder, _, names in folders for n in names
+               if n.lower().endswith(IMG_EXTENSIONS)]
+    if linked:
+        _check_one_class_per_file(folders, {i: n for n, i in class_to_idx.items()})
+    return samples
+
+
+def _walk(folder: str, real: str, ancestors: frozenset, index: int, out: list) -> bool:
+    """Add `(index, folder, real path, file names)` for `folder` and every folder below it to `out`; returns
+    whether a link was met. `ancestors`: the real paths of the folders being walked above `folder`."""
+    files, subfolders, linked = [], [], False
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            linked |= entry.is_symlink()
+            (subfolders if entry.is_dir() else files).append(entry)
+    out.append((index, folder, real, sorted(e.name for e in files)))
+    for entry in sorted(subfolders, key=lambda e: e.name):
+        target = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
+        if target in ancestors or target == real:
+            raise DatasetError(f'{entry.path} links back to {target}, a folder it is inside of (a symlink cycle); '
+                               'fix: remove the link')
+        linked |= _walk(entry.path, target, ancestors | {real}, index, out)
+    return linked
+
+
+def _check_one_class_per_file(folders: list, names: dict):
+    """Fail if one image file is reached from two class folders."""
+    owner = {}
+    for index, folder, real, files in folders:
+        for name in files:
+            if not name.lower().endswith(IMG_EXTENSIONS):
+                continue
+            path = os.path.join(folder, name)
+            key = os.path.realpath(path) if os.path.islink(path) else os.path.join(real, name)
+            first = owner.setdefault(key, (index, path))
+            if first[0] != index:
+                raise DatasetError(f'{first[1]} (class {names[first[0]]}) and {path} (class {names[index]}) are the '
+                                   f'same file {key}: an image can have one class only; fix: remove one of them')
+
+
 class ImageFolderDataset(ImageListDataset):
     """One split of an ImageFolder tree (`split_dir/<class>/<image>`), with the given class order.
 
-    Unlike torchvision's ImageFolder, every class folder must hold at least one image, and the class list is
-    passed in, so that `val/` is indexed exactly like `train/`.
+    Unlike torchvision's ImageFolder, every class folder must hold at least one image, the class list is passed
+    in, so that `val/` is indexed exactly like `train/`, and links that form a cycle or put one file in two
+    classes are errors (find_images).
     """
 
     def __init__(self, split_dir: str, classes: list, transform=None, skip_bad_images: bool = False):
         class_to_idx = {name: i for i, name in enumerate(classes)}
-        samples = make_dataset(split_dir, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+        samples = find_images(split_dir, class_to_idx)
         found = {target for _, target in samples}
         if not found:
             raise DatasetError(f'{split_dir} has {len(classes)} class folders but no images; fix: add images '
@@ -378,8 +450,8 @@ def deit_train_transform(args) -> transforms.Compose:
     transform = create_transform(
         input_size=args.input_size, is_training=True, color_jitter=args.color_jitter, auto_augment=aa,
         interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
-    if args.input_size <= SMALL_IMAGE_SIZE:
-        transform.transforms[0] = transforms.RandomCrop(args.input_size, padding=4)
+    if args.input_size <= SMALL_IMAGE_SIZE:  # images smaller than the crop are padded too (with zeros)
+        transform.transforms[0] = transforms.RandomCrop(args.input_size, padding=4, pad_if_needed=True)
     return transform
 
 

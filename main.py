@@ -4,16 +4,15 @@
     torchrun --nproc_per_node=2 main.py ...          python main.py ...          (see README.md)
 """
 import argparse
+import copy
 import datetime
 import json
-import math
 import os
 import random
 import signal
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -26,12 +25,15 @@ from timm.scheduler import create_scheduler
 from timm.utils import ModelEmaV3
 
 import models
+import rundir
+import startup
 import utils
 from datasets import DatasetError, build_dataset
 from engine import NonFiniteLossError, evaluate, throughput, train_one_epoch
 from losses import DistillationLoss, build_criterion
-from models.checkpoint import (ADDON_KEY, CheckpointError, interpolate_pos_embed, load_checkpoint, load_state_dict,
-                               model_state)
+from models.checkpoint import (ADDON_KEY, CheckpointError, classifier_keys, fit_report, fitted_share,
+                               interpolate_pos_embed, load_checkpoint, load_state_dict, model_state, split_fit,
+                               unused_share)
 from samplers import RASampler, ResumableSampler
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM after a checkpoint; rerun with --auto_reload
@@ -139,10 +141,14 @@ def get_args_parser():
     g.add_argument('--output_dir', default='', help='where to save checkpoints and logs; empty for no saving')
     g.add_argument('--auto_reload', action='store_true',
                    help='resume from <output_dir>/checkpoint.pth when it exists (takes precedence over --resume)')
+    g.add_argument('--overwrite', action='store_true',
+                   help='start this run from scratch in an --output_dir that holds another run (which it replaces)')
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     g.add_argument('--seed', default=0, type=int)
     g.add_argument('--resume', default='', help='checkpoint to resume from or to fine-tune')
     g.add_argument('--unsafe-load', action='store_true', help='allow checkpoints with arbitrary pickled objects')
+    g.add_argument('--ignore-class-names', action='store_true',
+                   help="resume or evaluate a checkpoint although its class names differ from the data's")
     g.add_argument('--start_epoch', default=0, type=int, metavar='N')
     g.add_argument('--eval', action='store_true', help='evaluation only')
     g.add_argument('--throughput', action='store_true', help='measure inference throughput only')
@@ -170,84 +176,13 @@ def get_args_parser():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Start-up: checks that need no data
+# Start-up (the flags themselves are checked in startup.py)
 # ---------------------------------------------------------------------------------------------------------------
 
-def check_args(args):
-    """Fail in one line, before anything starts, on flag values that would otherwise end in a traceback later,
-    and on flags that cannot work together."""
-    if args.data_path == DEFAULT_DATA_PATH and not os.path.exists(DEFAULT_DATA_PATH):
-        utils.fail(f'no --data-path given (the default {DEFAULT_DATA_PATH} is the authors\' cluster path); fix: pass '
-                   '--data-path <folder with train/ and val/>, or run scripts/demo.sh for a dataset that ships offline')
-    for dest, minimum in (('batch_size', 1), ('input_size', 1), ('epochs', 0), ('num_workers', 0)):
-        if getattr(args, dest) < minimum:
-            utils.fail(f'{option(dest)} {getattr(args, dest)} must be at least {minimum}; fix: pass a value >= '
-                       f'{minimum}')
-    for dest, value in sorted(vars(args).items()):
-        if isinstance(value, float) and not math.isfinite(value):
-            utils.fail(f'{option(dest)} {value} is not a finite number; fix: pass a number')
-    if not 0 <= args.smoothing < 1:
-        utils.fail(f'--smoothing {args.smoothing} must be in [0, 1); fix: pass e.g. 0.1, or 0 for none')
-    if args.pretrained and args.finetune:
-        utils.fail('--pretrained and --finetune both choose the starting weights; pass one of them')
-    for flag in ('resume', 'finetune'):
-        path = getattr(args, flag)
-        if path and os.path.isdir(path):
-            utils.fail(f'--{flag} {path} is a directory; fix: pass the checkpoint file in it, e.g. '
-                       f'{os.path.join(path, "checkpoint.pth")}')
-    check_distillation(args, check_model(args))
-
-
-def option(dest: str) -> str:
-    """How the flag of `args.<dest>` is spelled: 'batch_size' -> '--batch-size', 'num_workers' -> '--num_workers'."""
-    return next(a.option_strings[0] for a in get_args_parser()._actions if a.dest == dest)
-
-
-def check_model(args) -> torch.nn.Module:
-    """Build the model on the meta device (no memory, no weights, a fraction of a second) and return it, so that an
-    unknown --model or --model-kwargs that do not fit together, such as a width that does not divide into the
-    heads, fail in one line that names the fix, before the dataset is scanned."""
-    try:
-        kwargs = models.parse_model_kwargs(args.model_kwargs)
-        with torch.device('meta'):
-            return models.create_model(args.model, addon=args.addon, img_size=args.input_size, **kwargs)
-    except AssertionError as e:
-        given = ' '.join(args.model_kwargs)
-        if 'divisible by num_heads' not in str(e):
-            utils.fail(f'--model {args.model} --model-kwargs {given}: {e}; fix: change --model-kwargs')
-        with torch.device('meta'):
-            default = models.create_model(args.model)
-        width = kwargs.get('embed_dim', default.embed_dim)
-        heads = [h for h in range(1, 17) if width % h == 0]
-        utils.fail(f'--model-kwargs {given}: the width embed_dim={width} does not split into '
-                   f'num_heads={kwargs.get("num_heads", default.blocks[0].attn.num_heads)} heads; fix: pick num_heads '
-                   f'among {", ".join(map(str, heads))}, or an embed_dim that is a multiple of num_heads')
-    except (ValueError, TypeError) as e:
-        utils.fail(str(e).splitlines()[0] if str(e) else repr(e))
-
-
-def check_distillation(args, probe: torch.nn.Module):
-    """--distillation-type needs a teacher file and a model with a distillation token and head (timm's
-    `set_distilled_training`), which `probe`, the weightless copy of the model, tells. An add-on (AttnScale /
-    FeatScale) keeps the class of the model it is applied to."""
-    if args.distillation_type == 'none':
-        return
-    if args.finetune and not args.eval:
-        utils.fail('fine-tuning with distillation is not supported; drop --distillation-type or --finetune')
-    if not args.teacher_path:
-        utils.fail('--distillation-type needs --teacher-path (weights are never downloaded)')
-    if not hasattr(probe, 'set_distilled_training'):
-        utils.fail(f'--distillation-type {args.distillation_type} needs a model with a distillation head, such as '
-                   f'deit_tiny_distilled_patch16_224; {args.model} has none: pick a *_distilled_* model or drop '
-                   '--distillation-type')
-
-
 def autocast_dtype(args, device: torch.device) -> torch.dtype:
-    """--amp-dtype, else float16 on CUDA and float32 (i.e. no autocast) elsewhere."""
-    amp_dtype = getattr(torch, args.amp_dtype or ('float16' if device.type == 'cuda' else 'float32'))
-    if amp_dtype == torch.float16 and device.type != 'cuda':
-        utils.fail('--amp-dtype float16 needs CUDA; use bfloat16 or float32 on CPU')
-    return amp_dtype
+    """--amp-dtype, else float16 on CUDA and float32 (i.e. no autocast) elsewhere (float16 off CUDA is refused at
+    start-up)."""
+    return getattr(torch, args.amp_dtype or ('float16' if device.type == 'cuda' else 'float32'))
 
 
 def seed_run(args, device: torch.device):
@@ -256,19 +191,6 @@ def seed_run(args, device: torch.device):
     np.random.seed(seed)
     if device.type == 'cuda':
         cudnn.benchmark = True
-
-
-def prepare_output_dir(args):
-    """Create --output_dir and check that it is writable, before anything is trained."""
-    if not args.output_dir:
-        return
-    try:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        probe = Path(args.output_dir) / f'.write_test.{os.getpid()}'
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        utils.fail(f'--output_dir {args.output_dir} is not writable ({e.strerror}); pick another directory')
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -346,43 +268,76 @@ def build_data(args) -> Data:
 # ---------------------------------------------------------------------------------------------------------------
 
 def build_model(args, num_classes: int) -> torch.nn.Module:
-    """`args.model` with the flags' image size, drop rates and --model-kwargs: the one place a model is created."""
+    """`args.model` with the flags' image size, drop rates and --model-kwargs, as far as the model takes them: the
+    one place a model is created."""
     try:
         return models.create_model(args.model, addon=args.addon, pretrained=args.pretrained, num_classes=num_classes,
-                                   drop_rate=args.drop, drop_path_rate=args.drop_path, drop_block_rate=None,
-                                   img_size=args.input_size, **models.parse_model_kwargs(args.model_kwargs))
+                                   **startup.model_kwargs(args))
     except (ValueError, TypeError) as e:
         utils.fail(str(e).splitlines()[0] if str(e) else repr(e))
 
 
-def load_finetune(model, path: str, unsafe: bool):
+class Finetuned(NamedTuple):
+    """What --finetune loaded: the model's keys it left at their initialisation, and the checkpoint's classes."""
+    fresh: list
+    classes: Optional[list]
+
+
+def load_finetune(model, path: str, unsafe: bool) -> Finetuned:
     """--finetune: every weight of the checkpoint that fits; the heads are dropped when the number of classes
-    differs, and `pos_embed` is resized to the model's patch grid."""
-    state = models.checkpoint.to_model_layout(model, model_state(load_checkpoint(path, allow_unsafe=unsafe)))
+    differs, and `pos_embed` is resized to the model's patch grid. A checkpoint that provides less than half of
+    the model's weights (another model's) is refused with a CheckpointError."""
+    ckpt = load_checkpoint(path, allow_unsafe=unsafe)
+    state = models.checkpoint.to_model_layout(model, model_state(ckpt))
     own = model.state_dict()
-    for k in ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias', 'head.fc.weight', 'head.fc.bias'):
-        if k in state and k in own and state[k].shape != own[k].shape:
+    for k in classifier_keys(model):
+        if k in state and state[k].shape != own[k].shape:
             utils.log(f'Removing key {k} from the fine-tune checkpoint (another number of classes)')
             del state[k]
     interpolate_pos_embed(model, state)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    utils.log(f'Fine-tuning from {path}; newly initialised: {missing}; ignored: {unexpected}')
-    if any(ADDON_KEY.search(k) for k in missing):
+    fits, fresh, unused = split_fit(model, state)
+    share = fitted_share(model, fits)
+    if share < 0.5:
+        trained = (ckpt.get('args') or {}).get('model') if isinstance(ckpt.get('args'), dict) else None
+        raise CheckpointError(
+            f'--finetune {path}: only {share:.0%} of the weights of {model.pretrained_cfg.get("architecture")} fit '
+            f'({len(fits)} of {len(own)} tensors; {fit_report(model, state)}); it is a checkpoint of another model'
+            + (f' ({trained})' if trained else '') + '; fix: pass a checkpoint of this --model, or set --model to '
+            "the checkpoint's")
+    model.load_state_dict(fits, strict=False)
+    utils.log(f'Fine-tuning from {path}: {len(fits)} of {len(own)} tensors loaded ({share:.1%} of the weights); newly '
+              f'initialised: {fresh}; ignored: {unused}')
+    if unused_share(state, fits) > 0.5:
+        utils.log(f'warning: --finetune {path}: {unused_share(state, fits):.0%} of its weights are not used (a '
+                  'checkpoint of a larger or another model?)', file=sys.stderr)
+    if any(ADDON_KEY.search(k) for k in fresh):
         utils.log(f'{path} has no add-on parameters: they start at zero, so the model starts as the checkpoint\'s')
+    return Finetuned(fresh, ckpt.get('classes'))
 
 
-def prepare_model(args, num_classes: int, device: torch.device):
-    """The plain model (fine-tune weights loaded, distilled training on, moved to `device`) and its EMA copy."""
+def prepare_model(args, num_classes: int, device: torch.device, classes: list = None):
+    """The plain model (fine-tune weights loaded, distilled training on, moved to `device`) and its EMA copy.
+    --eval refuses weights that would start at their initialisation (a head for another class count)."""
     utils.log(f'Creating model: {args.model}')
     model = build_model(args, num_classes)
     if args.pretrained:
         addon = f'; the {args.addon} gains start at zero' if args.addon else ''
         utils.log(models.hub.describe_start(model) + addon)
+        if args.eval and model.num_classes != model.pretrained_cfg['num_classes']:
+            utils.fail(f'--eval --pretrained: the weights have {model.pretrained_cfg["num_classes"]} classes, the data '
+                       f'{model.num_classes}, so the head would be random; fix: evaluate on data with its classes')
     if args.finetune:
         try:
-            load_finetune(model, args.finetune, args.unsafe_load)
+            finetuned = load_finetune(model, args.finetune, args.unsafe_load)
         except CheckpointError as e:
             utils.fail(str(e))
+        fresh = [k for k in finetuned.fresh if not ADDON_KEY.search(k)]
+        if args.eval and fresh:
+            utils.fail(f'--eval --finetune {args.finetune}: {", ".join(fresh[:4])} would be evaluated at their random '
+                       'initialisation (the checkpoint has no such weights, or a head for another class count); fix: '
+                       'evaluate on data with its classes, or fine-tune first')
+        if args.eval and classes is not None:
+            check_classes(args, finetuned.classes, args.finetune, classes)
     if args.distillation_type != 'none':
         model.set_distilled_training(True)  # training returns (class, distillation) logits; eval averages them
     model.to(device)
@@ -393,6 +348,25 @@ def prepare_model(args, num_classes: int, device: torch.device):
     if hasattr(model, 'flops'):
         utils.log(f'number of GFLOPs: {model.flops() / 1e9}')
     return model, model_ema
+
+
+def check_classes(args, saved: Optional[list], path: str, classes: list):
+    """Refuse a checkpoint trained on other class names than the data's (the same count, other names or order),
+    unless --ignore-class-names; a checkpoint without class names (older, or released) is said to be unchecked."""
+    if saved is None:
+        utils.log(f'note: {path} stores no class names, so they are not compared with the data\'s')
+        return
+    if list(saved) == list(classes):
+        return
+    i = next((i for i, (a, b) in enumerate(zip(saved, classes)) if a != b), min(len(saved), len(classes)))
+    difference = (f'class {i} is {saved[i]!r} there, {classes[i]!r} here' if i < min(len(saved), len(classes))
+                  else f'{len(saved)} classes there, {len(classes)} here')
+    if args.ignore_class_names:
+        utils.log(f'warning: {path} was trained on other class names ({difference}); used anyway '
+                  '(--ignore-class-names)', file=sys.stderr)
+        return
+    utils.fail(f'{path} was trained on other classes than --data-path {args.data_path} holds ({difference}); fix: use '
+               'the data it was trained on, or pass --ignore-class-names if they are the same classes renamed')
 
 
 def count_parameters(model) -> int:
@@ -481,9 +455,9 @@ class TrainingState:
     the same entries back, so saving and resuming cannot drift apart.
 
     `model` is the plain module (keys without `module.`/`_orig_mod.`), `epoch` the last complete epoch (-1
-    before the first), `run_args` the flags of the run plus its real world size. A checkpoint written on
-    preemption adds the MID_EPOCH entries: `resume_step` (steps of epoch + 1 done), `train_meters` and `rng`
-    (one entry per rank).
+    before the first), `run_args` the flags of the run plus its real world size, `classes` the class names of the
+    data (saved when known, compared on resume and --eval). A checkpoint written on preemption adds the MID_EPOCH
+    entries: `resume_step` (steps of epoch + 1 done), `train_meters` and `rng` (one entry per rank).
     """
     model: torch.nn.Module
     model_ema: Optional[ModelEmaV3]
@@ -493,6 +467,7 @@ class TrainingState:
     run_args: dict
     epoch: int = -1
     max_accuracy: float = 0.0
+    classes: Optional[list] = None
 
     MID_EPOCH = ('resume_step', 'train_meters', 'rng')
     RESUMABLE = ('optimizer', 'lr_scheduler', 'epoch')  # without these, a checkpoint only provides weights
@@ -505,6 +480,7 @@ class TrainingState:
             'model_ema': self.model_ema.module.state_dict() if self.model_ema is not None else None,
             'scaler': self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
             'max_accuracy': self.max_accuracy, 'args': self.run_args, **mid_epoch,
+            **({'classes': self.classes} if self.classes is not None else {}),
         }
 
     def load_state_dict(self, ckpt: dict):
@@ -523,9 +499,18 @@ class TrainingState:
             self.loss_scaler.load_state_dict(ckpt['scaler'])
 
     def save(self, path: str, **mid_epoch):
-        """Write the checkpoint atomically on the main process (the others do not even build the dict)."""
+        """Write the checkpoint atomically on the main process (the others do not even build the dict); a write
+        that fails (a full disk) ends the run with one line, the previous checkpoint intact."""
         if utils.is_main_process():
-            utils.save_on_master(self.state_dict(**mid_epoch), path)
+            try:
+                utils.save_on_master(self.state_dict(**mid_epoch), path)
+            except utils.WriteError as e:
+                write_failed(e)
+
+
+def write_failed(e: OSError):
+    utils.fail(f'{e}; fix: free disk space, then rerun with --auto_reload to continue from the last checkpoint',
+               rundir.WRITE_FAILED_EXIT_CODE)
 
 
 class MidEpoch(NamedTuple):
@@ -547,7 +532,10 @@ def resolve_resume(args):
         for path in (latest, previous):
             if os.path.exists(path):
                 try:
-                    return path, load_checkpoint(path, allow_unsafe=args.unsafe_load)
+                    ckpt = load_checkpoint(path, allow_unsafe=args.unsafe_load)
+                    if args.resume:
+                        utils.log(f'--auto_reload continues from {path}; --resume {args.resume} is not used')
+                    return path, ckpt
                 except CheckpointError as e:
                     if path == latest:
                         utils.log(f'warning: cannot resume from the latest checkpoint: {e}; resuming from the '
@@ -599,76 +587,65 @@ def mid_epoch_state(ckpt: dict, batch_size: int, steps_per_epoch: int, path: str
                     rng[rank] if len(rng) == world_size else None)
 
 
-def restore(args, state: TrainingState, steps_per_epoch: int) -> MidEpoch:
-    """Load the checkpoint of --resume / --auto_reload into `state`: the weights always (a baseline checkpoint
-    may lack the add-on parameters: they stay at zero and training starts over); the rest of the training state
-    when the checkpoint has it and this is not --eval. Returns where the first epoch starts."""
-    path, ckpt = resolve_resume(args)
+def restore(args, state: TrainingState, steps_per_epoch: int, resumed: tuple, classes: list) -> MidEpoch:
+    """Load the checkpoint of --resume / --auto_reload, `resumed` = (path, checkpoint dict), into `state`: the
+    weights always (a baseline checkpoint may lack the add-on parameters: they stay at zero and training starts
+    over), after comparing its class names with the data's `classes`; the rest of the training state when the
+    checkpoint has it and this is not --eval. Returns where the first epoch starts."""
+    path, ckpt = resumed
     if not path:
         return MidEpoch()
     try:
         absent = load_state_dict(state.model, model_state(ckpt), allow_missing_addons=True, source=path)
     except CheckpointError as e:
         utils.fail(str(e))
-    mid, resumed = MidEpoch(), False
+    check_classes(args, ckpt.get('classes'), path, classes)
+    mid, resumed_state = MidEpoch(), False
     if absent:
         utils.log(f'Initialised from baseline checkpoint {path}; {len(absent)} add-on parameters start at '
-                  'zero, so the model computes the baseline; fine-tuning from epoch 0')
+                  f'zero, so the model computes the baseline; fine-tuning from epoch {state.epoch + 1}')
     elif not args.eval and all(k in ckpt for k in TrainingState.RESUMABLE):
+        fresh = copy.deepcopy(state.lr_scheduler.state_dict())  # the schedule of the current flags
         state.load_state_dict(ckpt)
-        resumed = True
+        resumed_state = True
         mid = mid_epoch_state(ckpt, args.batch_size, steps_per_epoch, path)
         where = f'step {mid.step}/{steps_per_epoch} of ' if mid.step else ''
         utils.log(f'Resumed from {path} (epoch {state.epoch}); training continues at {where}epoch '
                   f'{state.epoch + 1}')
+        rebuild_schedule(state, fresh, ckpt['lr_scheduler'], steps_per_epoch, mid)
     elif not args.eval:
-        utils.log(f'Loaded weights from {path}; it holds no training state, so training starts at epoch 0')
+        utils.log(f'Loaded weights from {path}; it holds no training state, so training starts at epoch '
+                  f'{state.epoch + 1}')
     else:
         utils.log(f'Loaded weights from {path}')
-    if state.model_ema is not None and not resumed:  # weights only: the EMA starts from them
+    if state.model_ema is not None and not resumed_state:  # weights only: the EMA starts from them
         state.model_ema.set(state.model)
     set_aside_unreadable_latest(args, path)
     return mid
 
 
+def rebuild_schedule(state: TrainingState, fresh: dict, saved: dict, steps_per_epoch: int, mid: MidEpoch):
+    """After a resume, the LR schedule of the current flags where it differs from the checkpoint's (a longer
+    --epochs, another --lr or --min-lr, ...): the schedule is rebuilt for them and the learning rate of the next
+    step set from it, and the log says so. timm's schedulers are functions of the epoch (or update) and their
+    settings, so the rebuilt schedule is the one a run started with these flags would follow from here."""
+    changed = startup.schedule_differs(fresh, saved, state.lr_scheduler)
+    if not changed:
+        return
+    scheduler = state.lr_scheduler
+    scheduler.load_state_dict(fresh)
+    if scheduler.t_in_epochs:
+        scheduler.step(state.epoch)  # as after the epoch `state.epoch` of an uninterrupted run
+    else:
+        scheduler.step_update((state.epoch + 1) * steps_per_epoch + mid.step)
+    what = ', '.join(f'{k} {saved.get(k)} -> {fresh[k]}' for k in changed)
+    utils.log(f'The LR schedule of the checkpoint differs from the one of the current flags ({what}): rebuilt for '
+              f'the current flags; training continues at lr {state.optimizer.param_groups[0]["lr"]:.6g}')
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The epoch loop
 # ---------------------------------------------------------------------------------------------------------------
-
-class RunLog:
-    """log.txt (one JSON line per epoch) and TensorBoard scalars, written by the main process.
-
-    The lines of epochs >= `start_epoch` are dropped at the first append, not before: a run that fails early
-    leaves log.txt as it was. TensorBoard's purge_step likewise hides the events of epochs this run redoes.
-    """
-
-    def __init__(self, args, start_epoch: int):
-        self.path = os.path.join(args.output_dir, 'log.txt') if args.output_dir else ''
-        self.start_epoch = start_epoch
-        self.truncated = False
-        self.tb_writer = None
-        if args.output_dir and args.log_tensorboard and utils.is_main_process():
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb_writer = SummaryWriter(log_dir=args.output_dir, purge_step=start_epoch or None)
-
-    def write(self, epoch: int, entry: dict, lambdas: dict):
-        if not self.path or not utils.is_main_process():
-            return
-        if not self.truncated:
-            utils.truncate_log(self.path, self.start_epoch)
-            self.truncated = True
-        utils.append_log(self.path, entry)
-        if self.tb_writer is not None:
-            for tag in ('train/loss', 'train/lr', 'test/acc1', 'test/acc5', 'test/loss'):
-                self.tb_writer.add_scalar(tag, entry[tag.replace('/', '_')], epoch)
-            for tag, value in lambdas.items():
-                self.tb_writer.add_scalar(f'lambda/{tag}', value, epoch)
-            self.tb_writer.flush()
-
-    def close(self):
-        if self.tb_writer is not None:
-            self.tb_writer.close()
-
 
 def epoch_entry(args, epoch: int, train_stats: dict, test_stats: dict, data: Data, n_parameters: int) -> dict:
     """The log.txt line of an epoch: train/test meters, memory of every rank, skipped images (all ranks)."""
@@ -749,7 +726,11 @@ def save_epoch(args, state: TrainingState, improved: bool):
     latest = os.path.join(args.output_dir, 'checkpoint.pth')
     state.save(latest)
     if improved and utils.is_main_process():
-        utils.publish_copy(latest, os.path.join(args.output_dir, 'best_checkpoint.pth'))
+        best = os.path.join(args.output_dir, 'best_checkpoint.pth')
+        try:
+            utils.publish_copy(latest, best)
+        except OSError as e:  # only where hard links are not supported and the copy does not fit on the disk
+            write_failed(utils.WriteError(e.errno, f'cannot write {best} ({e.strerror}); {latest} is complete'))
 
 
 def train(args, net, state: TrainingState, data: Data, criterion, device, amp_dtype, mid: MidEpoch,
@@ -757,7 +738,7 @@ def train(args, net, state: TrainingState, data: Data, criterion, device, amp_dt
     """The epoch loop: train, step the LR schedule, evaluate, log, checkpoint; a stop signal (SIGTERM, Ctrl-C,
     those in `stop`) ends it resumably."""
     start_epoch = state.epoch + 1
-    run_log = RunLog(args, start_epoch)
+    run_log = rundir.RunLog(args, start_epoch)
     for stale in utils.remove_stale_temp_files(args.output_dir):
         utils.log(f'Removed {stale}, left by a checkpoint write that was interrupted')
     stop = stop_signals(stop)
@@ -767,8 +748,8 @@ def train(args, net, state: TrainingState, data: Data, criterion, device, amp_dt
     for epoch in range(start_epoch, args.epochs):
         train_stats = train_epoch(args, net, state, data, criterion, device, amp_dtype, epoch,
                                   mid if epoch == start_epoch else MidEpoch(), stop)
-        state.lr_scheduler.step(epoch)
         test_stats = evaluate(data.loader_val, net, device, amp_dtype, args.print_freq)
+        state.lr_scheduler.step(epoch, test_stats['acc1'])  # the metric: only --sched plateau reads it
         utils.log(f'Accuracy of the network on the {len(data.val)} test images: {test_stats["acc1"]:.1f}%')
         improved = test_stats['acc1'] > state.max_accuracy
         state.epoch, state.max_accuracy = epoch, max(state.max_accuracy, test_stats['acc1'])
@@ -810,7 +791,7 @@ def main(args, stop: Optional[utils.StopRequest] = None):
     `record` writes any other exception, with its traceback, to the error file torchrun gives each worker, so
     torchrun's failure summary names the rank and shows its error. `stop` carries a launcher's own stop signals
     (see `train`); Ctrl-C's handler is the caller's again on return."""
-    check_args(args)
+    startup.check_args(args, get_args_parser())
     sigint = signal.getsignal(signal.SIGINT)
     try:
         run(args, stop)
@@ -864,24 +845,26 @@ def run(args, stop: Optional[utils.StopRequest] = None):
     amp_dtype = autocast_dtype(args, device)
     utils.log(json.dumps(vars(args), default=str))
     seed_run(args, device)
-    prepare_output_dir(args)
+    with rundir.claimed(args):  # --output_dir created; a training run holds its lock until it ends
+        resumed = resolve_resume(args)  # read once, and checked against the flags before the data is scanned
+        startup.check_resume(args, get_args_parser(), *resumed)
+        data = build_data(args)
+        classes = list(data.train.classes)
+        model, model_ema = prepare_model(args, data.nb_classes, device, classes)
+        optimizer, lr_scheduler, loss_scaler = build_optimization(args, model, amp_dtype, data.steps_per_epoch)
+        criterion = build_training_criterion(args, data, device)
+        state = TrainingState(model, model_ema, optimizer, lr_scheduler, loss_scaler, epoch=args.start_epoch - 1,
+                              run_args=dict(vars(args), world_size=utils.get_world_size()), classes=classes)
+        mid = restore(args, state, data.steps_per_epoch, resumed, classes)
+        net = wrap_model(model, args, device)
 
-    data = build_data(args)
-    model, model_ema = prepare_model(args, data.nb_classes, device)
-    optimizer, lr_scheduler, loss_scaler = build_optimization(args, model, amp_dtype, data.steps_per_epoch)
-    criterion = build_training_criterion(args, data, device)
-    state = TrainingState(model, model_ema, optimizer, lr_scheduler, loss_scaler, epoch=args.start_epoch - 1,
-                          run_args=dict(vars(args), world_size=utils.get_world_size()))
-    mid = restore(args, state, data.steps_per_epoch)
-    net = wrap_model(model, args, device)
-
-    if args.throughput:
-        throughput(data.loader_val, net, device, amp_dtype)
-    elif args.eval:
-        test_stats = evaluate(data.loader_val, net, device, amp_dtype, args.print_freq)
-        utils.log(f'Accuracy of the network on the {len(data.val)} test images: {test_stats["acc1"]:.1f}%')
-    else:
-        train(args, net, state, data, criterion, device, amp_dtype, mid, stop)
+        if args.throughput:
+            throughput(data.loader_val, net, device, amp_dtype)
+        elif args.eval:
+            test_stats = evaluate(data.loader_val, net, device, amp_dtype, args.print_freq)
+            utils.log(f'Accuracy of the network on the {len(data.val)} test images: {test_stats["acc1"]:.1f}%')
+        else:
+            train(args, net, state, data, criterion, device, amp_dtype, mid, stop)
 
 
 if __name__ == '__main__':

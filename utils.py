@@ -2,9 +2,10 @@
 
 Printing happens on the main process only through `log()`; `builtins.print` is left alone.
 """
+import contextlib
 import datetime
+import errno
 import glob
-import json
 import os
 import random
 import shutil
@@ -388,19 +389,33 @@ def _init_error_message(exc: BaseException, rank: int, world_size: int) -> str:
     return f'cannot join the process group at {addr}:{port} ({text[:300]})'
 
 
+class WriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, I/O error); the file it would replace is unchanged."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 def save_on_master(obj, path: str):
     """Atomically write `obj` to `path` on the main process; the file it replaces is kept as a
-    `.prev` sibling, so a corrupt or interrupted latest checkpoint always has a good predecessor."""
+    `.prev` sibling, so a corrupt or interrupted latest checkpoint always has a good predecessor. A write that
+    fails (a full disk) removes its temporary file, leaves `path` as it was and raises WriteError."""
     if not is_main_process():
         return
     tmp = f'{path}.tmp.{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        delay = float(os.environ.get('ANTIOVERSMOOTH_SAVE_DELAY', '0'))  # fault injection for the tests
-        if delay:
-            time.sleep(delay)
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            delay = float(os.environ.get('ANTIOVERSMOOTH_SAVE_DELAY', '0'))  # fault injection for the tests
+            if delay:
+                time.sleep(delay)
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else ' '.join(str(e).split())[:200]
+        raise WriteError(errno.EIO, f'cannot write {path} ({reason}); it is unchanged') from e
     _publish(tmp, path)
 
 
@@ -461,23 +476,6 @@ def _fsync_dir(directory: str):
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def append_log(path: str, entry: dict):
-    with open(path, 'a') as f:
-        f.write(json.dumps(entry) + '\n')
-
-
-def truncate_log(path: str, start_epoch: int):
-    """Keep only the log lines of epochs before `start_epoch` (a resumed run rewrites the rest)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line).get('epoch', -1) < start_epoch]
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-        f.writelines(lines)
-    os.replace(tmp, path)
 
 
 def rss_mb() -> float:

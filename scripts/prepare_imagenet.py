@@ -11,8 +11,9 @@ Needs about 150 GB free in --output; torchvision checks each archive's MD5 first
 Each split is extracted into `<split>.partial` and renamed when done, so an interrupted run leaves no
 half-written split behind; a split that already verifies is not extracted again, one that does not
 is replaced by a fresh extraction. At the end the folder is checked (class count, image counts,
-same classes in train and val) and every shortfall is reported.
-Exit status: 0 complete, 1 incomplete (or an archive missing or corrupt), 2 bad usage.
+same classes in train and val) and every shortfall is reported, in one line. Images are counted with every
+extension the training code reads (torchvision's IMG_EXTENSIONS), not only ImageNet's .JPEG.
+Exit status: 0 complete, 1 incomplete (or an archive missing, corrupt or unreadable), 2 bad usage.
 """
 import argparse
 import shutil
@@ -20,13 +21,18 @@ import sys
 from pathlib import Path
 
 from torchvision.datasets import imagenet
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 
 IMAGENET_CLASSES, IMAGENET_TRAIN, IMAGENET_VAL = 1000, 1_281_167, 50_000
 
 
 def count_images(split_dir: Path) -> dict:
-    """{class folder name: number of .JPEG files in it} for one split folder."""
-    return {d.name: sum(1 for f in d.iterdir() if f.suffix.upper() == '.JPEG')
+    """{class folder name: number of image files in it} for one split folder (every extension the data sets of
+    datasets.py accept, in any case)."""
+    return {d.name: sum(1 for f in d.iterdir() if f.name.lower().endswith(IMG_EXTENSIONS))
             for d in sorted(split_dir.iterdir()) if d.is_dir()}
 
 
@@ -72,8 +78,12 @@ def run_parser(parse, output: Path, archive: Path, **kwargs) -> str:
     """Run one torchvision parser on `archive`; returns an error sentence, or '' on success."""
     try:
         parse(str(output), file=str(archive.resolve()), **kwargs)  # an absolute `file` wins over root
-    except RuntimeError:  # torchvision's "not present ... or is corrupted": the MD5 differs
-        return f'{archive} fails its MD5 check (a corrupted or incomplete download?)'
+    except RuntimeError as e:  # torchvision's "not present ... or is corrupted": the MD5 differs
+        if 'corrupted' in str(e) or 'not present' in str(e):
+            return f'{archive} fails its MD5 check (a corrupted or incomplete download?)'
+        return f'{archive} cannot be read ({cli.describe(e)}); download it again'
+    except Exception as e:  # noqa: BLE001 (not a tar archive, truncated, garbage inside: whatever the parser meets)
+        return f'{archive} cannot be read ({cli.describe(e)}); download it again'
     return ''
 
 
@@ -89,7 +99,9 @@ def extract(output: Path, archives: Path, split: str) -> str:
     print(f'extracting {archive} -> {final}', flush=True)
     parse = imagenet.parse_train_archive if split == 'train' else imagenet.parse_val_archive
     error = run_parser(parse, output, archive, folder=partial.name)
-    if not error:
+    if error:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing half-extracted stays behind
+    else:
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
     return error
@@ -121,6 +133,7 @@ def skip_md5_checks():
     imagenet.ARCHIVE_META = {key: (name, None) for key, (name, _) in imagenet.ARCHIVE_META.items()}
 
 
+@cli.one_line_errors('prepare_imagenet.py')
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--archives', type=Path, help='folder with the three ILSVRC2012 archives')
@@ -140,10 +153,7 @@ def main(argv=None) -> int:
     errors = [] if args.verify_only else prepare(args.output, args.archives, args)
     problems = errors + verify(args.output, args)
     if problems:
-        print(f'{args.output} is incomplete:', file=sys.stderr)
-        for problem in problems:
-            print(f'  - {problem}', file=sys.stderr)
-        return 1
+        raise cli.ScriptError(f'{args.output} is incomplete: {"; ".join(problems)}', code=1)
     print(f'{args.output} is complete: {args.expect_classes} classes, '
           f'{args.expect_train} train and {args.expect_val} val images')
     return 0

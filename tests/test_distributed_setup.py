@@ -186,7 +186,7 @@ def test_unexpected_exception_is_recorded_for_torchrun(monkeypatch, tmp_path):
     import main
     error_file = tmp_path / 'error.json'
     monkeypatch.setenv('TORCHELASTIC_ERROR_FILE', str(error_file))
-    monkeypatch.setattr(main, 'check_args', lambda args: None)
+    monkeypatch.setattr(main.startup, 'check_args', lambda args, parser: None)
 
     def run(args, *rest):
         raise KeyError('a bug in the run')

@@ -64,7 +64,7 @@ def test_image_folder_without_images(tmp_path):
 
 @pytest.mark.parametrize('flags,expected', [
     (['--batch-size', '0'], r'error: --batch-size 0 must be at least 1; fix: pass a value >= 1'),
-    (['--epochs', '-1'], r'error: --epochs -1 must be at least 0; fix: pass a value >= 0'),
+    (['--epochs', '-1'], r'error: --epochs -1 must be at least 1; fix: pass a value >= 1'),
     (['--num_workers', '-2'], r'error: --num_workers -2 must be at least 0; fix: pass a value >= 0'),
     (['--lr', 'nan'], r'error: --lr nan is not a finite number; fix: pass a number'),
     (['--weight-decay', 'inf'], r'error: --weight-decay inf is not a finite number; fix: pass a number'),

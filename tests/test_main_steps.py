@@ -129,9 +129,9 @@ def test_finetune_resizes_pos_embed_and_drops_a_head_of_another_size(tmp_path, d
         if key not in ('pos_embed', 'head.weight', 'head.bias'):
             assert torch.equal(own[key], value), key
 
-    code, out, err = run_main(argparse.Namespace(**dict(vars(args), eval=True)))  # the same through main(): evaluates
-    assert code == 0, err
-    assert 'Accuracy of the network on the 20 test images' in out and 'Removing key head.bias' in out
+    code, out, err = run_main(argparse.Namespace(**dict(vars(args), eval=True)))  # --eval refuses the new head
+    assert code == 2 and 'head.weight, head.bias would be evaluated at their random initialisation' in err, err
+    assert 'Accuracy of the network' not in out and 'Removing key head.bias' in out
 
 
 def test_training_state_saves_and_restores_the_same_entries(data):

@@ -510,7 +510,7 @@ def test_bad_dataset(case, tmp_path, occupied):
     data_path = change(root)
     before = snapshot(occupied)
     code, _, err = run_main([*TINY, *FAST, '--data-path', root if data_path is None else data_path,
-                             '--output_dir', occupied, '--epochs', 1])
+                             '--output_dir', occupied, '--overwrite', '--epochs', 1])
     assert_clean_failure(code, err, expected)
     assert snapshot(occupied) == before
 
@@ -526,8 +526,8 @@ def test_corrupt_image_in_a_dataloader_worker_names_the_file(tmp_path, occupied)
     its last line. With --skip-bad-images the run goes on and reports how many files it skipped."""
     root = make_image_folder(tmp_path / 'data', num_classes=2, train_per_class=8, val_per_class=2)
     bad = corrupt_one_image(root)
-    args = [*TINY, *FAST, '--data-path', root, '--output_dir', occupied, '--epochs', 1, '--num_workers', 1,
-            '--no-repeated-aug']  # every training image is read in the epoch
+    args = [*TINY, *FAST, '--data-path', root, '--output_dir', occupied, '--overwrite', '--epochs', 1,
+            '--num_workers', 1, '--no-repeated-aug']  # every training image is read in the epoch
     before = snapshot(occupied)
     with launch(args, launcher='python') as run:
         code = run.finish()
@@ -616,7 +616,7 @@ def test_checkpoint_with_pickled_code_is_refused(data, tmp_path, occupied):
 
 def test_batch_size_larger_than_the_dataset(data, occupied):
     before = snapshot(occupied)
-    code, _, err = run_main([*TINY, *FAST, '--data-path', data, '--output_dir', occupied, '--epochs', 1,
+    code, _, err = run_main([*TINY, *FAST, '--data-path', data, '--output_dir', occupied, '--overwrite', '--epochs', 1,
                              '--batch-size', 64])
     assert_clean_failure(code, err, r'--batch-size 64 is larger than the 48 training images each of the 1 processes '
                                     r'sees; lower --batch-size')
@@ -633,7 +633,7 @@ def test_output_dir_not_writable(data, tmp_path):
 
 def test_nan_loss_leaves_the_previous_run_untouched(data, occupied):
     before = snapshot(occupied)
-    code, _, err = run_main([*TINY, *FAST, '--data-path', data, '--output_dir', occupied, '--epochs', 1,
+    code, _, err = run_main([*TINY, *FAST, '--data-path', data, '--output_dir', occupied, '--overwrite', '--epochs', 1,
                              '--lr', '1e30', '--warmup-epochs', 0])
     assert_clean_failure(code, err, r'loss is (nan|inf) at epoch 0; lower --lr, set --clip-grad', code_expected=3)
     assert snapshot(occupied) == before  # log.txt is only rewritten when the first epoch of a run is logged

@@ -72,7 +72,9 @@ def test_launch_training_writes_logs_and_checkpoints(trained):
     assert 'number of params:' in first.stdout and 'number of GFLOPs:' in first.stdout
     assert re.search(r'Epoch: \[1\] \[\s*0/\d+\]  eta: \d+:\d\d:\d\d', first.stdout)
     ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
-    assert set(ckpt) == {'model', 'optimizer', 'lr_scheduler', 'epoch', 'model_ema', 'scaler', 'max_accuracy', 'args'}
+    assert set(ckpt) == {'model', 'optimizer', 'lr_scheduler', 'epoch', 'model_ema', 'scaler', 'max_accuracy', 'args',
+                         'classes'}
+    assert ckpt['classes'] == ['class_00', 'class_01', 'class_02', 'class_03']
     assert isinstance(ckpt['args'], dict) and ckpt['args']['model'] == 'attnscale_tiny_12'
     assert (out / 'best_checkpoint.pth').exists() and (out / 'checkpoint.prev.pth').exists()
     entry = json.loads((out / 'log.txt').read_text().splitlines()[0])
@@ -146,12 +148,12 @@ def test_torchrun_and_single_process(data, tmp_path):
         assert ('distributed init (rank 0/2' in proc.stdout) == (nproc == 2)
 
 
-def test_launch_without_use_env_passes_local_rank(data, tmp_path):
+def test_launch_without_use_env_passes_local_rank(data, trained, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2',
-                           '--master_port', str(free_port()), 'main.py', '--model', 'deit_tiny_12', *TINY, *FAST,
-                           '--data-path', str(data), '--eval'], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=240)
+                           '--master_port', str(free_port()), 'main.py', '--model', 'attnscale_tiny_12', *TINY, *FAST,
+                           '--data-path', str(data), '--eval', '--resume', str(trained[0] / 'checkpoint.pth')],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'Accuracy of the network on the 20 test images' in proc.stdout
 
