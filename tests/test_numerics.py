@@ -3,6 +3,8 @@ family's gradients at extreme gains, low precision against the explicit formula,
 torch.compile, double backward, and one code path for every device."""
 import copy
 import io
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -11,9 +13,10 @@ import torch.nn.functional as F
 
 import gpu_cost
 import models
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts'))
+from gain_precision import explicit_formula, gain_gradients as lamb_grads  # noqa: E402
 from models.antioversmooth import attnscale, featscale
 from models.fused import attnscale_projection, featscale_projection, qkv_heads, qkv_heads_and_mean
-from models.plugin import AttnScaleAttention, FeatScaleProjection
 
 LOW = [torch.bfloat16, torch.float16]
 ADDON = ('lamb', 'lamb1', 'lamb2')
@@ -50,28 +53,6 @@ def set_gains(model, value):
 
 def gains_of(model) -> list:
     return [p for n, p in model.named_parameters() if n.split('.')[-1] in ADDON]
-
-
-def explicit_formula(model):
-    """`model` with the add-ons as written: A' = (1 + lamb) A - lamb / N formed on the explicit map (`attnscale`),
-    FeatScale after the plain projection (`featscale`), all by plain autograd: no code of `fused.py`."""
-    model = copy.deepcopy(model)
-    models.set_fused_attn(model, False)
-    for m in model.modules():
-        if isinstance(m, AttnScaleAttention):
-            m.map_dropped = lambda m=m: m.lamb is not None  # forms A' as under attention dropout
-        if isinstance(m, FeatScaleProjection):
-            m.featscale_fused = lambda: False
-    return model
-
-
-def lamb_grads(model, x, y, dtype=None) -> torch.Tensor:
-    """dL/d(gains) of a cross-entropy step, under `dtype` autocast (None: the model's own dtype)."""
-    model.zero_grad()
-    with torch.autocast('cpu', dtype or torch.float32, enabled=dtype is not None):
-        loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    return torch.cat([p.grad.double().flatten() for p in gains_of(model)])
 
 
 def batch(size, n=4):
@@ -233,8 +214,9 @@ def test_the_addons_run_as_their_own_autograd_nodes(name):
 
 
 @pytest.mark.parametrize('name', FAMILIES)
-def test_trace_save_and_load_give_the_eager_logits(name, tmp_path):
-    """torch.jit.trace records the plain formulas (no Python Function), so the trace saves and loads."""
+def test_trace_save_load_and_export_give_the_eager_logits(name, tmp_path):
+    """torch.jit.trace records the plain formulas (no Python Function), so the trace saves and loads; torch.export
+    exports the model; both give the eager logits."""
     model, size = build(name, 0.2)
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
@@ -242,8 +224,8 @@ def test_trace_save_and_load_give_the_eager_logits(name, tmp_path):
         buffer = io.BytesIO()
         torch.jit.save(traced, buffer)
         buffer.seek(0)
-        loaded = torch.jit.load(buffer)
-        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.jit.load(buffer)(x), model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_torchscript_matches_eager():
