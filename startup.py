@@ -610,7 +610,7 @@ def check_resume(args, parser, path: str, ckpt: dict):
         check_fit(probe, state, path, optional=addons + classifier_keys(probe))
     except CheckpointError as e:
         utils.fail(str(e))
-    baseline = any(k not in state for k in addons)  # fine-tuning with an add-on starts at epoch 0 (main.restore)
+    baseline = any(k not in state for k in addons)  # fine-tuning with an add-on starts at epoch 0 (training_state.restore)
     if args.eval or baseline or not all(k in ckpt for k in ('optimizer', 'lr_scheduler', 'epoch')):
         return
     flags, done = Flags(args, parser), ckpt['epoch'] + 1

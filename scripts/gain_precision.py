@@ -38,12 +38,15 @@ def explicit_formula(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def gain_gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dtype=None) -> torch.Tensor:
-    """dL/d(gains) of one cross-entropy step, flattened in float64, under `dtype` autocast (None: none)."""
+    """dL/d(gains) of one cross-entropy step, flattened in float64, under `dtype` autocast (None: none). Under
+    float16 the loss is scaled by 2^16 for backward, as a GradScaler would (CaiT's layer scale of 1e-5 would
+    otherwise flush the gains' gradients to zero), and the gradients scaled back."""
+    scale = 2. ** 16 if dtype == torch.float16 else 1.
     model.zero_grad()
     with torch.autocast(x.device.type, dtype or torch.float32, enabled=dtype is not None):
         loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    return torch.cat([p.grad.double().flatten() for n, p in model.named_parameters() if ADDON_KEY.search(n)])
+    (loss * scale).backward()
+    return torch.cat([p.grad.double().flatten() / scale for n, p in model.named_parameters() if ADDON_KEY.search(n)])
 
 
 def relative_error(a: torch.Tensor, ref: torch.Tensor) -> float:

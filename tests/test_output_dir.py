@@ -173,7 +173,7 @@ def test_disk_full_while_saving_is_one_line_and_the_previous_checkpoint_survives
 
 def test_a_baseline_checkpoint_with_training_state_starts_a_fine_tune(data, finished, tmp_path):
     """A checkpoint of the plain model (2 epochs trained, its optimizer state with it) given to an add-on model is a
-    starting point (main.restore: the gains start at zero, training at epoch 0), so --epochs 1 is not too short."""
+    starting point (training_state.restore: the gains start at zero, training at epoch 0), so --epochs 1 is not too short."""
     out = tmp_path / 'addon'
     argv = args(data, out, '--epochs', 1, '--resume', finished / 'checkpoint.pth')
     code, stdout, err = run_main(['--model', 'attnscale_tiny_12', *argv[2:]])
