@@ -3,7 +3,10 @@ torch is imported, and every subprocess a test starts inherits the result.
 
 * CPU only (CUDA_VISIBLE_DEVICES=''): main.py defaults to CUDA when it sees a GPU, which would change numbers,
   dtypes and the backend.
-* Threads fixed: 2 in this process, OMP_NUM_THREADS=1 in the processes the tests start.
+* One thread per process: torch in this process and OMP_NUM_THREADS=1 in the processes the tests start. A
+  second thread saves little on these small models when the other core is idle, and makes an op many times
+  slower when it is busy (a rank of a launched job, another test process): OpenMP's threads wait for each
+  other at every op.
 * No launcher or SLURM variables and no fault-injection delays: a plain `python main.py` must not believe it is a
   rank of a job, and every test picks its own master port (helpers.free_port).
 """
@@ -24,7 +27,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@ import argparse
 import contextlib
 import fcntl
 import io
+import os
 import random
 import signal
 import socket
@@ -64,13 +65,18 @@ def free_port() -> int:
     raise RuntimeError(f'no free port in {PORT_RANGE}')
 
 
-def run_main(argv):
-    """main.main() in this process: (exit status, stdout, stderr). An exception other than SystemExit propagates
-    (and fails the test): that is the traceback a user would see."""
+def run_main(argv, env=None):
+    """main.main() in this process: (exit status, stdout, stderr), with the variables of `env` set meanwhile. An
+    exception other than SystemExit propagates (and fails the test): that is the traceback a user would see.
+
+    It saves the few seconds a new interpreter spends importing torch and timm. Tests run one torch thread, as
+    the processes they start do (OMP_NUM_THREADS=1), so a run here computes what `python main.py` computes."""
     import main as trainer
     parser = argparse.ArgumentParser(parents=[trainer.get_args_parser()])
     out, err = io.StringIO(), io.StringIO()
     sigterm = signal.getsignal(signal.SIGTERM)
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update({k: str(v) for k, v in (env or {}).items()})
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -79,6 +85,11 @@ def run_main(argv):
         code = e.code
     finally:
         signal.signal(signal.SIGTERM, sigterm)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return code, out.getvalue(), err.getvalue()
 
 
