@@ -1,4 +1,5 @@
-"""Small generated datasets for the tests (learnable, tiny, written as real image files), and main.py in-process."""
+"""Small generated datasets for the tests (learnable, tiny, written as real image files), free ports, and scripts
+run in this process."""
 import argparse
 import contextlib
 import fcntl
@@ -8,6 +9,7 @@ import random
 import signal
 import socket
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,32 +67,61 @@ def free_port() -> int:
     raise RuntimeError(f'no free port in {PORT_RANGE}')
 
 
-def run_main(argv, env=None):
-    """main.main() in this process: (exit status, stdout, stderr), with the variables of `env` set meanwhile. An
-    exception other than SystemExit propagates (and fails the test): that is the traceback a user would see.
 
-    It saves the few seconds a new interpreter spends importing torch and timm. Tests run one torch thread, as
-    the processes they start do (OMP_NUM_THREADS=1), so a run here computes what `python main.py` computes."""
-    import main as trainer
-    parser = argparse.ArgumentParser(parents=[trainer.get_args_parser()])
+
+def run_script(main, argv, env=None):
+    """`main(argv)` of a script in this process, as its own interpreter would end: (exit status, stdout, stderr).
+
+    `sys.exit('message')` prints the message on stderr and exits 1; warnings are written to stderr under a fresh
+    interpreter's filters; the variables of `env` are set meanwhile, and signal handlers and torch's thread count
+    restored afterwards. An exception other than SystemExit propagates (and fails the test): that is the
+    traceback a user would see. It saves the seconds a new interpreter spends importing torch and timm; tests
+    run one torch thread, as the processes they start do (OMP_NUM_THREADS=1), so the numbers are the same."""
+    import torch
     out, err = io.StringIO(), io.StringIO()
-    sigterm = signal.getsignal(signal.SIGTERM)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    threads = torch.get_num_threads()
     saved = {k: os.environ.get(k) for k in env or {}}
     os.environ.update({k: str(v) for k, v in (env or {}).items()})
     code = 0
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            trainer.main(parser.parse_args([str(a) for a in argv]))
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            fresh_interpreter_warnings(err)
+            code = main([str(a) for a in argv]) or 0
     except SystemExit as e:
-        code = e.code
+        if isinstance(e.code, str):
+            err.write(e.code + '\n')
+            code = 1
+        else:
+            code = e.code or 0
     finally:
-        signal.signal(signal.SIGTERM, sigterm)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        torch.set_num_threads(threads)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
     return code, out.getvalue(), err.getvalue()
+
+
+def fresh_interpreter_warnings(stream):
+    """Inside `warnings.catch_warnings()`: the filters of a fresh interpreter (no -W, no PYTHONWARNINGS), and each
+    warning written to `stream` when it is issued, instead of to pytest's record."""
+    warnings.resetwarnings()
+    for category in (ResourceWarning, ImportWarning, PendingDeprecationWarning, DeprecationWarning):
+        warnings.simplefilter('ignore', category)  # each goes in front: DeprecationWarning's comes first
+    warnings.filterwarnings('default', category=DeprecationWarning, module='__main__')
+    warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: stream.write(
+        warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def run_main(argv, env=None):
+    """main.py's main() in this process (run_script): (exit status, stdout, stderr)."""
+    import main as trainer
+    parser = argparse.ArgumentParser(parents=[trainer.get_args_parser()])
+    return run_script(lambda args: trainer.main(parser.parse_args(args)), argv, env)
 
 
 def assert_same_outputs_and_grads(fused, explicit, x):
