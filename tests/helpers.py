@@ -6,8 +6,10 @@ import fcntl
 import io
 import os
 import random
+import runpy
 import signal
 import socket
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -69,25 +71,31 @@ def free_port() -> int:
 
 
 
-def run_script(main, argv, env=None):
-    """`main(argv)` of a script in this process, as its own interpreter would end: (exit status, stdout, stderr).
+def run_script(script, argv, env=None):
+    """`python <script> <argv>` in this process, run as `__main__` (runpy): (exit status, stdout, stderr).
 
-    `sys.exit('message')` prints the message on stderr and exits 1; warnings are written to stderr under a fresh
-    interpreter's filters; the variables of `env` are set meanwhile, and signal handlers and torch's thread count
-    restored afterwards. An exception other than SystemExit propagates (and fails the test): that is the
-    traceback a user would see. It saves the seconds a new interpreter spends importing torch and timm; tests
-    run one torch thread, as the processes they start do (OMP_NUM_THREADS=1), so the numbers are the same."""
+    As a new interpreter would end: `sys.exit('message')` prints the message on stderr and exits 1, and warnings
+    are written to stderr under a fresh interpreter's filters. The variables of `env` are set meanwhile; sys.argv,
+    sys.path, signal handlers and torch's thread count are restored afterwards. An exception other than SystemExit
+    propagates (and fails the test): that is the traceback a user would see. It saves the seconds a new
+    interpreter spends importing torch and timm; tests run one torch thread, as the processes they start do
+    (OMP_NUM_THREADS=1), so the numbers are the same."""
+    return _in_process(lambda: runpy.run_path(str(script), run_name='__main__'), [str(script), *map(str, argv)], env)
+
+
+def _in_process(call, argv, env):
     import torch
     out, err = io.StringIO(), io.StringIO()
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    threads = torch.get_num_threads()
+    threads, saved_argv, saved_path = torch.get_num_threads(), sys.argv, list(sys.path)
     saved = {k: os.environ.get(k) for k in env or {}}
     os.environ.update({k: str(v) for k, v in (env or {}).items()})
+    sys.argv = argv
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
             fresh_interpreter_warnings(err)
-            code = main([str(a) for a in argv]) or 0
+            call()
     except SystemExit as e:
         if isinstance(e.code, str):
             err.write(e.code + '\n')
@@ -95,6 +103,7 @@ def run_script(main, argv, env=None):
         else:
             code = e.code or 0
     finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         torch.set_num_threads(threads)
@@ -118,10 +127,11 @@ def fresh_interpreter_warnings(stream):
 
 
 def run_main(argv, env=None):
-    """main.py's main() in this process (run_script): (exit status, stdout, stderr)."""
+    """main.py's main() in this process, as run_script runs a script: (exit status, stdout, stderr)."""
     import main as trainer
     parser = argparse.ArgumentParser(parents=[trainer.get_args_parser()])
-    return run_script(lambda args: trainer.main(parser.parse_args(args)), argv, env)
+    argv = [str(a) for a in argv]
+    return _in_process(lambda: trainer.main(parser.parse_args(argv)), ['main.py', *argv], env)
 
 
 def assert_same_outputs_and_grads(fused, explicit, x):

@@ -1,6 +1,5 @@
 """scripts/block_benchmark.py: the per-block timing of the add-ons (at toy sizes; the numbers are in
 docs/performance.md). The command lines run in this process (helpers.run_script)."""
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -8,14 +7,11 @@ from pathlib import Path
 from helpers import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location('block_benchmark', ROOT / 'scripts' / 'block_benchmark.py')
-block_benchmark = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(block_benchmark)
 
 
 def run(*args):
     """`python scripts/block_benchmark.py *args`: exit status, stdout and stderr."""
-    code, out, err = run_script(block_benchmark.main, args)
+    code, out, err = run_script(ROOT / 'scripts' / 'block_benchmark.py', args)
     return subprocess.CompletedProcess(['block_benchmark.py', *args], code, out, err)
 
 

@@ -1,6 +1,7 @@
 """Oversmoothing diagnostics: known answers of the metrics, the hook-based probe, and the analyze.py CLI."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import diagnostics
 import models
 from helpers import make_image_folder, run_script
 
+ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 TINY = dict(img_size=32, patch_size=8)  # 16 patches (+1 class token for DeiT)
 
@@ -136,12 +138,11 @@ def image_root(tmp_path_factory):
 
 def test_cli_two_models(image_root, tmp_path):
     """The command line `python analyze.py ...`, run in this process (helpers.run_script)."""
-    import analyze
     out = tmp_path / 'out'
     argv = ['--model', 'deit_tiny_12', 'attnscale_tiny_12', '--data-path', image_root, '--input-size', '32',
             '--model-kwargs', 'patch_size=8', '--num-images', '5', '--batch-size', '3', '--output_dir', out,
             '--device', 'cpu']
-    code, stdout, stderr = run_script(analyze.main, argv)
+    code, stdout, stderr = run_script(ROOT / 'analyze.py', argv)
     assert code == 0, stderr
     lines = stdout.splitlines()
     pngs = ['hf_ratio.png', 'patch_cosine.png', 'attention_cosine.png', 'feature_spectrum.png',
