@@ -9,8 +9,15 @@ torch is imported, and every subprocess a test starts inherits the result.
   other at every op.
 * No launcher or SLURM variables and no fault-injection delays: a plain `python main.py` must not believe it is a
   rank of a job, and every test picks its own master port (helpers.free_port).
+
+Tiers: every test is in exactly one, `slow` where the test (or its module, or its parameter) is marked so, `quick`
+otherwise; `-m quick` (the same as `-m "not slow"`) runs the quick one. A quick test may not start a Python
+interpreter (a launch, a script, a fresh process): it fails, naming the fix, when it does. Under pytest-xdist
+(scripts/test.sh runs `-n 2 --dist loadgroup`) the modules with the most slow tests are handed out first, and the
+tests of a module that share a module-scoped fixture of it run on one worker, so that the fixture is made once.
 """
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,3 +40,57 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+TIERS = ('quick', 'slow')
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Put each test in its tier, order the modules (most slow tests first, each module's tests together and in
+    their order), and group the tests that share a module-scoped fixture of their module (xdist_group)."""
+    for item in items:
+        tiers = [t for t in TIERS if item.get_closest_marker(t)]
+        if len(tiers) > 1:
+            raise pytest.UsageError(f'{item.nodeid} is marked {" and ".join(tiers)}: a test is in exactly one tier')
+        if not tiers:
+            item.add_marker('quick')
+        module = item.nodeid.split('::')[0]
+        shared = [d for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs  # what the test uses
+                  if d.scope == 'module' and d.baseid == module]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    slow = {}
+    for item in items:
+        slow[item.module.__name__] = slow.get(item.module.__name__, 0) + bool(item.get_closest_marker('slow'))
+    items.sort(key=lambda item: -slow[item.module.__name__])  # stable: each module's own order is kept
+
+
+_running = []  # the test being run in this process, while it runs
+_popen_init = subprocess.Popen.__init__
+
+
+def _starts_python(args) -> bool:
+    first = args if isinstance(args, (str, bytes, os.PathLike)) else next(iter(args), '')
+    first = os.fsdecode(first).split()[0] if os.fsdecode(first).strip() else ''
+    return first == sys.executable or Path(first).name.startswith('python')
+
+
+def _guarded_popen_init(self, args, *pargs, **kwargs):
+    if _running and _running[-1].get_closest_marker('quick') and _starts_python(args):
+        raise AssertionError(f'{_running[-1].nodeid} starts a Python interpreter ({args!r}) but is in the quick tier: '
+                             'mark it (or its module or parameter) @pytest.mark.slow')
+    _popen_init(self, args, *pargs, **kwargs)
+
+
+subprocess.Popen.__init__ = _guarded_popen_init
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Setup, call and teardown of `item` (with the fixtures it makes) run with `item` as the running test."""
+    _running.append(item)
+    try:
+        yield
+    finally:
+        _running.pop()

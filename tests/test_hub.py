@@ -125,6 +125,7 @@ def test_pretrained_loads_exactly_the_released_tensors(wrapping, cache):
         assert_same_tensors(local, state)  # a local copy of the file loads the same weights
 
 
+@pytest.mark.slow
 def test_the_real_user_path_reads_the_environment_variables(cache):
     """A fresh process with only HF_HUB_OFFLINE and HF_HUB_CACHE set (huggingface_hub reads them at import)."""
     state = released_states()['featscale_cait_XXS24_224']
@@ -227,6 +228,7 @@ EVAL = ['--eval', '--device', 'cpu', '--batch-size', '64', '--num_workers', '0',
         '--eval-crop-ratio', '1.0', *TINY_CLI]
 
 
+@pytest.mark.slow
 def test_main_pretrained_eval_through_the_launcher(cache, tmp_path):
     """Released weights whose head predicts class 0 with logit 5 and 0 for the other 999 give a known loss."""
     state = released_states()['attnscale_small_12']

@@ -197,6 +197,7 @@ def data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp('data'), num_classes=4, train_per_class=12, val_per_class=5)
 
 
+@pytest.mark.slow
 def test_main_addon_trains_and_evaluates_with_two_processes(data, tmp_path):
     """--addon on a timm ViT with the launcher: lambda in the checkpoint, per-update LR warm-up; --eval --resume (in this
     process) gives the logged accuracy."""

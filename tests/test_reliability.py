@@ -28,7 +28,7 @@ import torch
 
 from helpers import free_port, make_image_folder, run_main
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.slow]  # nearly every test launches main.py or needs `reference`
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--model', 'attnscale_tiny_12', '--model-kwargs', 'depth=2', 'embed_dim=48', 'num_heads=2', 'patch_size=8']

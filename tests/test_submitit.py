@@ -3,12 +3,15 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import make_image_folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts'))
 import run_with_submitit  # noqa: E402
 
 
+@pytest.mark.slow
 def test_submitit_local_two_tasks_train_one_epoch(tmp_path, monkeypatch):
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     monkeypatch.setenv('PYTHONPATH', '')

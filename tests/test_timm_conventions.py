@@ -22,6 +22,8 @@ import timm
 
 import models
 
+pytestmark = pytest.mark.slow  # full-size models (224 px; 384 px for the forward test)
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get('TIMM_TESTS_DIR', ROOT / '.cache' / 'timm-tests'))
 

@@ -74,6 +74,7 @@ def trained(data, tmp_path_factory):
     return out, first, again
 
 
+@pytest.mark.slow
 def test_launch_training_writes_logs_and_checkpoints(trained):
     out, first, _ = trained
     assert 'number of params:' in first.stdout and 'number of GFLOPs:' in first.stdout
@@ -86,6 +87,7 @@ def test_launch_training_writes_logs_and_checkpoints(trained):
     assert {'train_loss', 'train_lr', 'test_acc1', 'test_acc5', 'test_loss', 'epoch', 'n_parameters'} <= set(entry)
 
 
+@pytest.mark.slow
 def test_auto_reload_continues_at_the_next_epoch(trained):
     out, _, again = trained
     assert 'distributed init (rank 0/2' in again.stdout  # torchrun's 2 processes
@@ -95,6 +97,7 @@ def test_auto_reload_continues_at_the_next_epoch(trained):
     assert torch.load(out / 'checkpoint.pth', weights_only=True)['epoch'] == 2
 
 
+@pytest.mark.slow
 def test_lr_schedule_matches_the_official_stepping(trained):
     """Epoch e trains at lr(e-1): epochs 0 and 1 both at the warmup LR, and resuming changes nothing."""
     out, _, _ = trained
@@ -103,6 +106,7 @@ def test_lr_schedule_matches_the_official_stepping(trained):
     assert lrs[2] > 1e-4  # the cosine phase starts only at epoch 2
 
 
+@pytest.mark.slow
 def test_dist_eval_matches_single_process_accuracy_and_warns_about_padding(trained, data, tmp_path):
     """--dist-eval on 2 processes: 20 validation images split 10 + 10 give the accuracy of the one-process
     evaluation logged by training; 19 images are padded to 20 (DistributedSampler), which the run announces."""
@@ -124,6 +128,7 @@ def test_dist_eval_matches_single_process_accuracy_and_warns_about_padding(train
     assert 'Accuracy of the network on the 19 test images' in padded.stdout
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_the_expected_tags(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out, _, _ = trained
@@ -135,6 +140,7 @@ def test_tensorboard_holds_the_expected_tags(trained):
     assert [e.step for e in acc.Scalars('test/acc1')][-3:] == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_launch_without_use_env_passes_local_rank_and_eval_resume_reproduces_the_last_test_accuracy(trained, data):
     out, _, _ = trained
     last = json.loads((out / 'log.txt').read_text().splitlines()[-1])
@@ -148,6 +154,7 @@ def test_launch_without_use_env_passes_local_rank_and_eval_resume_reproduces_the
     assert eval_accuracy(proc.stdout) == pytest.approx(last['test_acc1'], abs=0.05)
 
 
+@pytest.mark.slow
 def test_cait_finetune_from_a_module_prefixed_baseline(data, tmp_path):
     """Both add-ons on a CaiT checkpoint whose keys carry DDP's `module.` prefix: before any step the add-on model
     evaluates exactly as the baseline, and fine-tuning writes the add-on's gains (FeatScale with 2 processes,
@@ -174,6 +181,7 @@ def test_cait_finetune_from_a_module_prefixed_baseline(data, tmp_path):
         assert any(k.endswith(gain) for k in state)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_message(data, tmp_path):
     proc = run(['--model', 'deit_tiny_12', *TINY, *FAST, '--data-path', data, '--output_dir', tmp_path,
                 '--epochs', '1', '--lr', '1e30', '--warmup-epochs', '0'], launcher='launch', check=False)
@@ -182,8 +190,9 @@ def test_nan_loss_stops_with_a_clear_message(data, tmp_path):
 
 
 @pytest.mark.parametrize('name,flags,train', [
-    ('bfloat16', ['--amp-dtype', 'bfloat16'], ['--amp-dtype', 'bfloat16']),
-    ('compile', ['--compile'], ['--compile', '--compile-backend', 'aot_eager'])], ids=['bfloat16', 'compile'])
+    pytest.param('bfloat16', ['--amp-dtype', 'bfloat16'], ['--amp-dtype', 'bfloat16'], id='bfloat16'),
+    pytest.param('compile', ['--compile'], ['--compile', '--compile-backend', 'aot_eager'], id='compile',
+                 marks=pytest.mark.slow)])
 def test_bfloat16_and_compile_train_and_evaluate(data, tmp_path, name, flags, train):
     """A training epoch and an evaluation with the flag: the checkpoint holds the plain model's keys, and its
     evaluation with the flag agrees with the float32 eager one (bfloat16: to bfloat16's precision).
