@@ -14,7 +14,7 @@ Tiers: every test is in exactly one, `slow` where the test (or its module, or it
 otherwise; `-m quick` (the same as `-m "not slow"`) runs the quick one. A quick test may not start a Python
 interpreter (a launch, a script, a fresh process): it fails, naming the fix, when it does. Under pytest-xdist
 (scripts/test.sh runs `-n 2 --dist loadgroup`) the modules with the most slow tests are handed out first, and the
-tests of a module that share a module-scoped fixture of it run on one worker, so that the fixture is made once.
+tests that use one of the module fixtures that launch runs (SHARED_RUNS) run on one worker, which makes it once.
 """
 import os
 import subprocess
@@ -43,23 +43,23 @@ def _seed():
 
 
 TIERS = ('quick', 'slow')
+SHARED_RUNS = {'trained', 'reference', 'runs'}  # module fixtures that launch runs, for several tests each
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Put each test in its tier, order the modules (most slow tests first, each module's tests together and in
-    their order), and group the tests that share a module-scoped fixture of their module (xdist_group)."""
+    their order), and group the tests that use one of the SHARED_RUNS fixtures of their module (xdist_group)."""
     for item in items:
         tiers = [t for t in TIERS if item.get_closest_marker(t)]
         if len(tiers) > 1:
             raise pytest.UsageError(f'{item.nodeid} is marked {" and ".join(tiers)}: a test is in exactly one tier')
         if not tiers:
             item.add_marker('quick')
-        module = item.nodeid.split('::')[0]
-        shared = [d for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs  # what the test uses
-                  if d.scope == 'module' and d.baseid == module]
+        params = item.callspec.params if hasattr(item, 'callspec') else {}
+        shared = sorted(SHARED_RUNS & set(item.fixturenames) - set(params))
         if shared:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+            item.add_marker(pytest.mark.xdist_group(f'{item.module.__name__}.{shared[0]}'))
     slow = {}
     for item in items:
         slow[item.module.__name__] = slow.get(item.module.__name__, 0) + bool(item.get_closest_marker('slow'))
@@ -71,9 +71,10 @@ _popen_init = subprocess.Popen.__init__
 
 
 def _starts_python(args) -> bool:
-    first = args if isinstance(args, (str, bytes, os.PathLike)) else next(iter(args), '')
-    first = os.fsdecode(first).split()[0] if os.fsdecode(first).strip() else ''
-    return first == sys.executable or Path(first).name.startswith('python')
+    """Whether the command's program (a list's first item, a shell line's first word) is a Python interpreter."""
+    program = os.fsdecode(args if isinstance(args, (str, bytes, os.PathLike)) else next(iter(args), ''))
+    words = program.split()
+    return program == sys.executable or bool(words) and Path(words[0]).name.startswith('python')
 
 
 def _guarded_popen_init(self, args, *pargs, **kwargs):
