@@ -12,9 +12,7 @@ torch is imported, and every subprocess a test starts inherits the result.
 
 Tiers: every test is in exactly one, `slow` where the test (or its module, or its parameter) is marked so, `quick`
 otherwise; `-m quick` (the same as `-m "not slow"`) runs the quick one. A quick test may not start a Python
-interpreter (a launch, a script, a fresh process): it fails, naming the fix, when it does. Under pytest-xdist
-(scripts/test.sh runs `-n 2 --dist loadgroup`) the modules with the most slow tests are handed out first, and the
-tests that use one of the module fixtures that launch runs (SHARED_RUNS) run on one worker, which makes it once.
+interpreter (a launch, a script, a fresh process): it fails, naming the fix, when it does.
 """
 import os
 import subprocess
@@ -43,27 +41,25 @@ def _seed():
 
 
 TIERS = ('quick', 'slow')
-SHARED_RUNS = {'trained', 'reference', 'runs'}  # module fixtures that launch runs, for several tests each
+# The modules that take longest (tens of seconds to minutes each in `--durations`), run first so that under
+# pytest-xdist (`--dist loadfile`: one module per worker at a time) the two workers end together; the other modules
+# follow in their usual order.
+LONGEST_FIRST = ('test_reliability', 'test_demo', 'test_training', 'test_models', 'test_timm_conventions',
+                 'test_benchmark', 'test_gpu_check')
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Put each test in its tier, order the modules (most slow tests first, each module's tests together and in
-    their order), and group the tests that use one of the SHARED_RUNS fixtures of their module (xdist_group)."""
+    """Put each test in its tier (fail on a test marked with both), and run the LONGEST_FIRST modules first, each
+    module's tests in their order."""
     for item in items:
         tiers = [t for t in TIERS if item.get_closest_marker(t)]
         if len(tiers) > 1:
             raise pytest.UsageError(f'{item.nodeid} is marked {" and ".join(tiers)}: a test is in exactly one tier')
         if not tiers:
             item.add_marker('quick')
-        params = item.callspec.params if hasattr(item, 'callspec') else {}
-        shared = sorted(SHARED_RUNS & set(item.fixturenames) - set(params))
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(f'{item.module.__name__}.{shared[0]}'))
-    slow = {}
-    for item in items:
-        slow[item.module.__name__] = slow.get(item.module.__name__, 0) + bool(item.get_closest_marker('slow'))
-    items.sort(key=lambda item: -slow[item.module.__name__])  # stable: each module's own order is kept
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable
 
 
 _running = []  # the test being run in this process, while it runs
