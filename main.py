@@ -160,6 +160,8 @@ def get_args_parser():
     g.add_argument('--amp-dtype', default=None, choices=['float16', 'bfloat16', 'float32'],
                    help='autocast dtype (default: float16 on CUDA, float32 on CPU)')
     g.add_argument('--compile', action='store_true', help='torch.compile the model')
+    g.add_argument('--compile-backend', default='inductor', choices=['inductor', 'aot_eager', 'eager'],
+                   help='torch.compile backend of --compile (aot_eager: the same tracing, no code generation)')
     g.add_argument('--log-tensorboard', action='store_true')
     g.add_argument('--no-log-tensorboard', action='store_false', dest='log_tensorboard')
     p.set_defaults(log_tensorboard=True)
@@ -363,7 +365,7 @@ def wrap_model(model, args, device: torch.device) -> torch.nn.Module:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == 'cuda'
                                                         else None)
     if args.compile:
-        net = torch.compile(net)
+        net = torch.compile(net, backend=args.compile_backend)
     return net
 
 

@@ -1,12 +1,17 @@
-"""Small generated datasets for the tests (learnable, tiny, written as real image files), and main.py in-process."""
+"""Small generated datasets for the tests (learnable, tiny, written as real image files), free ports, and scripts
+run in this process."""
 import argparse
 import contextlib
 import fcntl
 import io
+import os
 import random
+import runpy
 import signal
 import socket
+import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,22 +69,70 @@ def free_port() -> int:
     raise RuntimeError(f'no free port in {PORT_RANGE}')
 
 
-def run_main(argv):
-    """main.main() in this process: (exit status, stdout, stderr). An exception other than SystemExit propagates
-    (and fails the test): that is the traceback a user would see."""
-    import main as trainer
-    parser = argparse.ArgumentParser(parents=[trainer.get_args_parser()])
+
+
+def run_script(script, argv, env=None):
+    """`python <script> <argv>` in this process, run as `__main__` (runpy): (exit status, stdout, stderr).
+
+    As a new interpreter would end: `sys.exit('message')` prints the message on stderr and exits 1, and warnings
+    are written to stderr under a fresh interpreter's filters. The variables of `env` are set meanwhile; sys.argv,
+    sys.path, signal handlers and torch's thread count are restored afterwards. An exception other than SystemExit
+    propagates (and fails the test): that is the traceback a user would see. It saves the seconds a new
+    interpreter spends importing torch and timm; tests run one torch thread, as the processes they start do
+    (OMP_NUM_THREADS=1), so the numbers are the same."""
+    return _in_process(lambda: runpy.run_path(str(script), run_name='__main__'), [str(script), *map(str, argv)], env)
+
+
+def _in_process(call, argv, env):
+    import torch
     out, err = io.StringIO(), io.StringIO()
-    sigterm = signal.getsignal(signal.SIGTERM)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    threads, saved_argv, saved_path = torch.get_num_threads(), sys.argv, list(sys.path)
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update({k: str(v) for k, v in (env or {}).items()})
+    sys.argv = argv
     code = 0
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            trainer.main(parser.parse_args([str(a) for a in argv]))
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            fresh_interpreter_warnings(err)
+            call()
     except SystemExit as e:
-        code = e.code
+        if isinstance(e.code, str):
+            err.write(e.code + '\n')
+            code = 1
+        else:
+            code = e.code or 0
     finally:
-        signal.signal(signal.SIGTERM, sigterm)
+        sys.argv, sys.path[:] = saved_argv, saved_path
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        torch.set_num_threads(threads)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return code, out.getvalue(), err.getvalue()
+
+
+def fresh_interpreter_warnings(stream):
+    """Inside `warnings.catch_warnings()`: the filters of a fresh interpreter (no -W, no PYTHONWARNINGS), and each
+    warning written to `stream` when it is issued, instead of to pytest's record."""
+    warnings.resetwarnings()
+    for category in (ResourceWarning, ImportWarning, PendingDeprecationWarning, DeprecationWarning):
+        warnings.simplefilter('ignore', category)  # each goes in front: DeprecationWarning's comes first
+    warnings.filterwarnings('default', category=DeprecationWarning, module='__main__')
+    warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: stream.write(
+        warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def run_main(argv, env=None):
+    """main.py's main() in this process, as run_script runs a script: (exit status, stdout, stderr)."""
+    import main as trainer
+    parser = argparse.ArgumentParser(parents=[trainer.get_args_parser()])
+    argv = [str(a) for a in argv]
+    main = getattr(trainer.main, '__wrapped__', trainer.main)  # @record's fault handler needs a real stderr
+    return _in_process(lambda: main(parser.parse_args(argv)), ['main.py', *argv], env)
 
 
 def assert_same_outputs_and_grads(fused, explicit, x):

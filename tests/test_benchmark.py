@@ -48,6 +48,7 @@ def table(stdout: str) -> tuple:
     return cells[0], {row[0].rstrip(' *'): row for row in cells[1:]}
 
 
+@pytest.mark.slow
 def test_models_with_memory(runs):
     stdout, payload = runs['memory']
     header, rows = table(stdout)
@@ -77,6 +78,7 @@ def test_models_with_memory(runs):
     assert payload['summary']['attnscale_tiny_12']['params'] == payload['summary']['deit_tiny_12']['params'] + 2 * 3
 
 
+@pytest.mark.slow
 def test_models_without_memory_two_dtypes_other_reference(runs):
     stdout, payload = runs['no_memory']
     header, rows = table(stdout)
@@ -91,6 +93,7 @@ def test_models_without_memory_two_dtypes_other_reference(runs):
     assert summary['deit_tiny_12@bfloat16']['dtype'] == 'bfloat16'
 
 
+@pytest.mark.slow
 def test_data_mode(runs):
     stdout, payload = runs['data']
     header, rows = table(stdout)

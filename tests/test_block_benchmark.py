@@ -1,16 +1,18 @@
 """scripts/block_benchmark.py: the per-block timing of the add-ons (at toy sizes; the numbers are in
-docs/performance.md)."""
+docs/performance.md). The command lines run in this process (helpers.run_script)."""
 import json
 import subprocess
-import sys
 from pathlib import Path
+
+from helpers import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args):
-    return subprocess.run([sys.executable, str(ROOT / 'scripts' / 'block_benchmark.py'), *args],
-                          capture_output=True, text=True, timeout=300)
+    """`python scripts/block_benchmark.py *args`: exit status, stdout and stderr."""
+    code, out, err = run_script(ROOT / 'scripts' / 'block_benchmark.py', args)
+    return subprocess.CompletedProcess(['block_benchmark.py', *args], code, out, err)
 
 
 def test_pairs_samples_with_the_reference_and_reads_the_block_input_shape(tmp_path):

@@ -1,9 +1,6 @@
 """Oversmoothing diagnostics: known answers of the metrics, the hook-based probe, and the analyze.py CLI."""
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +9,7 @@ import torch.nn.functional as F
 
 import diagnostics
 import models
-from helpers import make_image_folder
+from helpers import make_image_folder, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -140,14 +137,14 @@ def image_root(tmp_path_factory):
 
 
 def test_cli_two_models(image_root, tmp_path):
+    """The command line `python analyze.py ...`, run in this process (helpers.run_script)."""
     out = tmp_path / 'out'
-    cmd = [sys.executable, 'analyze.py', '--model', 'deit_tiny_12', 'attnscale_tiny_12', '--data-path', str(image_root),
-           '--input-size', '32', '--model-kwargs', 'patch_size=8', '--num-images', '5', '--batch-size', '3',
-           '--output_dir', str(out), '--device', 'cpu']
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, OMP_NUM_THREADS='1'))
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    argv = ['--model', 'deit_tiny_12', 'attnscale_tiny_12', '--data-path', image_root, '--input-size', '32',
+            '--model-kwargs', 'patch_size=8', '--num-images', '5', '--batch-size', '3', '--output_dir', out,
+            '--device', 'cpu']
+    code, stdout, stderr = run_script(ROOT / 'analyze.py', argv)
+    assert code == 0, stderr
+    lines = stdout.splitlines()
     pngs = ['hf_ratio.png', 'patch_cosine.png', 'attention_cosine.png', 'feature_spectrum.png',
             'attention_spectrum.png', 'lambda.png']
     for name in ['diagnostics.json'] + pngs:

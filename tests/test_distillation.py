@@ -77,6 +77,7 @@ def test_hard_distillation_trains_the_dist_head_on_the_teacher_labels(data, teac
     assert torch.allclose(averaged, (model.head(features[:, 0]) + model.head_dist(features[:, 1])) / 2, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_soft_distillation_two_processes_one_epoch(data, teacher, tmp_path):
     out = tmp_path / 'out'
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port', str(free_port()),

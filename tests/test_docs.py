@@ -1,8 +1,8 @@
 """The README and docs/: links that resolve, and the models table that scripts/model_table.py prints."""
 import re
-import subprocess
-import sys
 from pathlib import Path
+
+from helpers import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / 'README.md'] + sorted((ROOT / 'docs').glob('*.md'))
@@ -19,8 +19,8 @@ def test_relative_links_resolve():
 
 def test_models_table_rows_are_what_the_script_prints():
     names = ['attnscale_small_12', 'featscale_cait_XXS24_224']
-    out = subprocess.run([sys.executable, 'scripts/model_table.py', '--names', *names], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
+    code, out, err = run_script(ROOT / 'scripts' / 'model_table.py', ['--names', *names])
+    assert code == 0, err
     rows = [line for line in out.splitlines() if line.startswith('| `')]
     assert rows == ['| `attnscale_small_12` | DeiT | AttnScale | 224 | 22,050,736 | 4.58 |',
                     '| `featscale_cait_XXS24_224` | CaiT | FeatScale | 224 | 11,965,480 | 2.53 |']

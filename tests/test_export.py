@@ -2,19 +2,19 @@
 reloads with the same logits; main.py (--resume, --eval --resume, --finetune) and analyze.py read .safetensors."""
 import importlib.util
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import timm
 import torch
+from huggingface_hub import constants as hf_constants
 
 import models
 from helpers import make_image_folder
+from helpers import run_main as run_main_here
 from models.checkpoint import CheckpointError, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,16 +132,21 @@ def test_analyze_reads_safetensors(checkpoint, tmp_path):
 
 # ---------------------------------------------------------------- main.py with an exported file
 
+@pytest.fixture
+def offline(monkeypatch):
+    """huggingface_hub offline in this process, as HF_HUB_OFFLINE=1 makes it in a new one: nothing downloads."""
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+
+
 def run_main(args):
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1')
-    proc = subprocess.run([sys.executable, 'main.py'] + [str(a) for a in args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    """main.py with `args`, in this process (helpers.run_main); it must succeed."""
+    code, out, err = run_main_here(args)
+    assert code == 0, err[-3000:]
+    return subprocess.CompletedProcess(['main.py', *map(str, args)], code, out, err)
 
 
 @pytest.fixture
-def exported(checkpoint, tmp_path):
+def exported(checkpoint, tmp_path, offline):
     path, _, _ = checkpoint
     assert export_weights.main(['--checkpoint', str(path), '--output', str(tmp_path / 'exported')]) == 0
     data = make_image_folder(tmp_path / 'data', num_classes=4, train_per_class=4, val_per_class=3, size=32)

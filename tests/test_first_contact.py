@@ -29,6 +29,7 @@ def data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp('data'), num_classes=2, train_per_class=8, val_per_class=2)
 
 
+@pytest.mark.slow
 def test_python_main_without_data_path():
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run([sys.executable, 'main.py'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

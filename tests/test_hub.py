@@ -19,6 +19,7 @@ from timm.layers import resample_abs_pos_embed
 
 import models
 from helpers import free_port, make_image_folder
+from helpers import run_main as run_main_here
 from models.checkpoint import CheckpointError
 from models.hub import HF_HUB_ID, RELEASED
 
@@ -124,6 +125,7 @@ def test_pretrained_loads_exactly_the_released_tensors(wrapping, cache):
         assert_same_tensors(local, state)  # a local copy of the file loads the same weights
 
 
+@pytest.mark.slow
 def test_the_real_user_path_reads_the_environment_variables(cache):
     """A fresh process with only HF_HUB_OFFLINE and HF_HUB_CACHE set (huggingface_hub reads them at import)."""
     state = released_states()['featscale_cait_XXS24_224']
@@ -226,6 +228,7 @@ EVAL = ['--eval', '--device', 'cpu', '--batch-size', '64', '--num_workers', '0',
         '--eval-crop-ratio', '1.0', *TINY_CLI]
 
 
+@pytest.mark.slow
 def test_main_pretrained_eval_through_the_launcher(cache, tmp_path):
     """Released weights whose head predicts class 0 with logit 5 and 0 for the other 999 give a known loss."""
     state = released_states()['attnscale_small_12']
@@ -245,18 +248,18 @@ def test_main_pretrained_eval_through_the_launcher(cache, tmp_path):
 
 
 def test_main_pretrained_errors_are_one_line(cache, tmp_path):
+    """In this process (helpers.run_main), offline and with the cache set as the fixtures set them."""
     data = make_image_folder(tmp_path / 'data', num_classes=2, train_per_class=1, val_per_class=1, size=16)
-    env = {'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': str(cache)}
-    proc = run_main(['--model', 'featscale_small_12', '--pretrained', '--data-path', data, *EVAL], env)
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
+    code, _, err = run_main_here(['--model', 'featscale_small_12', '--pretrained', '--data-path', data, *EVAL])
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
     assert (f'featscale_small_12: pretrained weights {HF_HUB_ID}/featscale_small_12.pth are not in the Hugging Face '
             f'cache {cache} and HF_HUB_OFFLINE=1 is set;') in lines[0]
-    both = run_main(['--model', 'featscale_small_12', '--pretrained', '--finetune', 'x.pth', '--data-path', data,
-                     *EVAL], env)
-    assert both.returncode == 2
-    assert both.stderr == 'error: --pretrained and --finetune both choose the starting weights; pass one of them\n'
+    code, _, err = run_main_here(['--model', 'featscale_small_12', '--pretrained', '--finetune', 'x.pth',
+                                  '--data-path', data, *EVAL])
+    assert code == 2
+    assert err == 'error: --pretrained and --finetune both choose the starting weights; pass one of them\n'
 
 
 class Payload:

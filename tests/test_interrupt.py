@@ -52,6 +52,7 @@ class Run:
         return self.p.returncode
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_epoch_saves_and_exits_130(tmp_path):
     """Ctrl-C (SIGINT to the process group, DataLoader worker included) during epoch 1: the step finishes, the
     mid-epoch checkpoint is written, one line, exit status 130; --auto_reload continues at the next step."""

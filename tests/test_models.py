@@ -34,6 +34,7 @@ def test_registry_lists_every_variant():
         assert n in names and timm.is_model(n)
 
 
+@pytest.mark.slow  # every name: 58 models
 @pytest.mark.parametrize('name', models.list_variants())
 def test_every_variant_forwards(name):
     device = 'meta' if any(b in name for b in BIG) else 'cpu'
@@ -46,6 +47,7 @@ def test_every_variant_forwards(name):
         assert torch.isfinite(out).all()
 
 
+@pytest.mark.slow  # every manifest: 42 models
 @pytest.mark.parametrize('manifest', MANIFESTS, ids=[m.stem for m in MANIFESTS])
 def test_official_manifest(manifest):
     ref = json.loads(manifest.read_text())

@@ -88,11 +88,11 @@ def test_gain_gradients_against_finite_differences(name, gain):
         assert rel_err(grads[dtype][probes], torch.tensor(fd, dtype=torch.float64)) <= tolerance, dtype
 
 
-BOUND = {  # toy models, and Swin with Swin-T's four stages at 224 px (the two-stage toy Swin has lamb-gradients
-    # of 1e-6 in bfloat16, far from the real model's regime: there both paths' errors are set by its noise)
+BOUND = {  # toy models, and Swin with Swin-T's four stages at 224 px: the two-stage toy Swin's maps are nearly
+    # uniform (lamb-gradients of 1e-6), far from the real model's regime, where A v rounded to 16 bits hardly
+    # differs from DC[v] and both paths' errors are set by that rounding
     **{(name, dtype): None for name in FAMILIES for dtype in LOW if 'swin' not in name},
-    **{(name, torch.float16): None for name in FAMILIES if 'swin' in name},
-    **{(name, torch.bfloat16): (dict(depths=(2, 2, 2, 2)), 224, 2) for name in FAMILIES if 'swin' in name},
+    **{(name, dtype): (dict(depths=(2, 2, 2, 2)), 224, 2) for name in FAMILIES for dtype in LOW if 'swin' in name},
 }
 
 

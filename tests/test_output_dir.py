@@ -7,7 +7,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -82,7 +81,7 @@ def test_one_run_at_a_time_and_a_stale_lock_is_taken_over(data, run_dir):
         lock.release()
     assert not (run_dir / 'run.lock').exists()
 
-    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    dead = subprocess.run(['sh', '-c', 'echo $$'], capture_output=True, text=True)
     (run_dir / 'run.lock').write_text(f'pid {dead.stdout.strip()} on somehost since yesterday\n')  # killed with -9
     code, out, err = run_main(args(data, run_dir, '--epochs', 3, '--auto_reload'))
     assert code == 0, err
@@ -191,9 +190,9 @@ def test_without_flock_the_pid_in_the_lock_file_decides(tmp_path, monkeypatch):
     monkeypatch.setattr(rundir.fcntl, 'flock', no_locks)
     lock_file = tmp_path / 'run.lock'
     host = rundir.socket.gethostname()
-    with subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']) as alive:
+    with subprocess.Popen(['sleep', '60']) as alive:
         try:
-            for holder in (f'pid {alive.pid} on {host} since now', f'pid 1 on another-host since now'):
+            for holder in (f'pid {alive.pid} on {host} since now', 'pid 1 on another-host since now'):
                 lock_file.write_text(holder + '\n')
                 with pytest.raises(rundir.RunLockError, match=rf'is in use by another run \({holder}; '):
                     rundir.RunLock(str(tmp_path)).acquire()

@@ -197,8 +197,10 @@ def data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp('data'), num_classes=4, train_per_class=12, val_per_class=5)
 
 
+@pytest.mark.slow
 def test_main_addon_trains_and_evaluates_with_two_processes(data, tmp_path):
-    """--addon on a timm ViT with the launcher: lambda in the checkpoint, per-update LR warm-up, --eval --resume."""
+    """--addon on a timm ViT with the launcher: lambda in the checkpoint, per-update LR warm-up; --eval --resume (in this
+    process) gives the logged accuracy."""
     from test_training import FAST, eval_accuracy, run
     out = tmp_path / 'run'
     common = [*VIT, '--addon', 'attnscale', *FAST, '--data-path', data]
@@ -208,7 +210,7 @@ def test_main_addon_trains_and_evaluates_with_two_processes(data, tmp_path):
     logs = [__import__('json').loads(line) for line in (out / 'log.txt').read_text().splitlines()]
     steps = 48 // (2 * 8)  # updates per epoch; warm-up over the first epoch's updates, from 1e-6 to 2e-3
     assert logs[0]['train_lr'] == pytest.approx(sum(1e-6 + (2e-3 - 1e-6) * t / steps for t in range(steps)) / steps)
-    proc = run(common + ['--eval', '--resume', out / 'checkpoint.pth'], launcher='launch')
+    proc = run(common + ['--eval', '--resume', out / 'checkpoint.pth'], launcher='here')
     assert eval_accuracy(proc.stdout) == pytest.approx(logs[-1]['test_acc1'], abs=0.05)
 
 
@@ -218,12 +220,12 @@ def test_main_addon_from_a_base_checkpoint_and_its_errors(data, tmp_path):
                              num_classes=4)
     torch.save({'model': base.state_dict()}, tmp_path / 'base.pth')
     common = [*VIT, '--addon', 'featscale', *FAST, '--data-path', data, '--epochs', '1']
-    resumed = run(common + ['--resume', tmp_path / 'base.pth'], launcher='python')
+    resumed = run(common + ['--resume', tmp_path / 'base.pth'], launcher='here')
     assert f'Initialised from baseline checkpoint {tmp_path / "base.pth"}; 4 add-on parameters start at zero' in resumed.stdout
-    tuned = run(common + ['--finetune', tmp_path / 'base.pth'], launcher='python')
+    tuned = run(common + ['--finetune', tmp_path / 'base.pth'], launcher='here')
     assert 'has no add-on parameters: they start at zero' in tuned.stdout
     bad = run(['--model', 'attnscale_tiny_12', '--addon', 'featscale', *FAST, '--data-path', data],
-              launcher='python', check=False)
+              launcher='here', check=False)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].endswith(
         '--addon featscale: attnscale_tiny_12 carries an add-on already; drop --addon or pick a base model')
 

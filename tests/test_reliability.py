@@ -7,8 +7,9 @@ their own process group, read live, and killed at chosen points; two fault-injec
 deterministic: ANTIOVERSMOOTH_STEP_DELAY (seconds slept after each training/evaluation step, right after its
 progress line) and ANTIOVERSMOOTH_SAVE_DELAY (seconds slept inside a checkpoint write, before its rename).
 
-The bad-input cases run main.main() in this process (one interpreter start instead of one per case); the
-cases where the process boundary matters (DataLoader workers, the launcher, the port) run as subprocesses.
+The bad-input cases and the one-process reruns after a fault run main.main() in this process (one interpreter
+start instead of one per case); the cases where the process boundary matters (DataLoader workers, the launcher,
+the port, signals) run as subprocesses.
 """
 import contextlib
 import json
@@ -27,7 +28,7 @@ import torch
 
 from helpers import free_port, make_image_folder, run_main
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.slow]  # nearly every test launches main.py or needs `reference`
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--model', 'attnscale_tiny_12', '--model-kwargs', 'depth=2', 'embed_dim=48', 'num_heads=2', 'patch_size=8']
@@ -358,9 +359,9 @@ def test_sigterm_single_process_exits_75_and_resumes(data, tmp_path):
     last_line = run.stderr.strip().splitlines()[-1]
     assert last_line == 'error: preempted (SIGTERM) after epoch 1; resumable with --auto_reload'
     assert saved_epoch(tmp_path) == 1 and log_epochs(tmp_path) == [0, 1]
-    with launch(args, launcher='python') as run:
-        assert run.finish() == 0, run.tail()
-    assert 'training continues at epoch 2' in run.stdout and log_epochs(tmp_path) == [0, 1, 2]
+    code, out, err = run_main(args)  # the rerun, in this process
+    assert code == 0, err
+    assert 'training continues at epoch 2' in out and log_epochs(tmp_path) == [0, 1, 2]
 
 
 @pytest.mark.parametrize('how', ['torchrun', 'srun'])
@@ -443,15 +444,15 @@ def test_corrupt_latest_checkpoint_falls_back_to_prev(data, reference, tmp_path)
     for name in ('checkpoint.pth', 'checkpoint.prev.pth', 'log.txt'):
         (tmp_path / name).write_bytes((reference / name).read_bytes())
     truncate(tmp_path / 'checkpoint.pth')
-    with launch([*TINY, *FAST, '--data-path', data, '--output_dir', tmp_path, '--epochs', EPOCHS,
-                 '--auto_reload'], launcher='python') as run:
-        assert run.finish() == 0, run.tail()
+    code, out, err = run_main([*TINY, *FAST, '--data-path', data, '--output_dir', tmp_path, '--epochs', EPOCHS,
+                               '--auto_reload'])  # in this process
+    assert code == 0, err
     assert re.search(rf'^warning: cannot resume from the latest checkpoint: checkpoint {tmp_path}/checkpoint.pth is '
                      rf'corrupt or truncated .*; resuming from the previous checkpoint {tmp_path}/checkpoint.prev.pth '
-                     r'instead$', run.stderr, re.M), run.tail()
+                     r'instead$', err, re.M), err
     assert f'Resumed from {tmp_path}/checkpoint.prev.pth (epoch {EPOCHS - 2}); training continues at epoch ' \
-           f'{EPOCHS - 1}' in run.stdout
-    assert 'Epoch: [0]' not in run.stdout
+           f'{EPOCHS - 1}' in out
+    assert 'Epoch: [0]' not in out
     assert log_epochs(tmp_path) == list(range(EPOCHS)) and saved_epoch(tmp_path) == EPOCHS - 1
     assert (tmp_path / 'checkpoint.unreadable.pth').stat().st_size == (reference / 'checkpoint.pth').stat().st_size // 2
     assert torch.load(tmp_path / 'checkpoint.prev.pth', weights_only=True)['epoch'] == EPOCHS - 2

@@ -4,7 +4,6 @@ import importlib.util
 import io
 import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -13,6 +12,8 @@ import pytest
 import scipy.io
 from PIL import Image
 from torchvision.datasets import imagenet
+
+from helpers import run_script as run_python_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / 'scripts'
@@ -305,12 +306,10 @@ def test_prepare_imagenet_checks_md5_by_default(tmp_path, restore_torchvision, c
 
 
 def test_prepare_imagenet_command_line(tmp_path):
-    script = str(SCRIPTS / 'prepare_imagenet.py')
-    result = subprocess.run([sys.executable, script, '--verify-only', '--output', str(tmp_path)],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1
-    assert 'train/ is missing (from ILSVRC2012_img_train.tar)' in result.stderr
-    assert 'val/ is missing (from ILSVRC2012_img_val.tar)' in result.stderr
+    code, _, err = run_python_script(SCRIPTS / 'prepare_imagenet.py', ['--verify-only', '--output', tmp_path])
+    assert code == 1
+    assert 'train/ is missing (from ILSVRC2012_img_train.tar)' in err
+    assert 'val/ is missing (from ILSVRC2012_img_val.tar)' in err
     with pytest.raises(SystemExit) as usage:
         prepare_imagenet.main(['--output', str(tmp_path)])
     assert usage.value.code == 2

@@ -19,6 +19,7 @@ import socket
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -164,6 +165,7 @@ def worker(rank: int, world_size: int, port: int, data: str, out: str):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_one_collective_and_one_host_read_per_step(tmp_path):
     data = make_image_folder(tmp_path / 'data', num_classes=4, train_per_class=12, val_per_class=2)
     mp.start_processes(worker, args=(2, free_port(), str(data), str(tmp_path)), nprocs=2, start_method='spawn')

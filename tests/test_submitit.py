@@ -67,6 +67,7 @@ def reference(data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_submitit_local_two_tasks_train(reference):
     assert [e['epoch'] for e in log_entries(reference)] == list(range(EPOCHS))
 
@@ -84,6 +85,7 @@ def task_pids(job) -> list:
     return found
 
 
+@pytest.mark.slow
 def test_time_limit_signal_checkpoints_on_every_task_then_requeues(data, reference, tmp_path):
     """SIGUSR2 (what SLURM sends --signal-delay seconds before the time limit) to both tasks during epoch 0.
 

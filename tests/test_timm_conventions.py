@@ -5,6 +5,10 @@ its functions are called as they are, so a variant passes exactly what timm's De
 Combinations that timm itself skips (a fixed input size over its limit: the 384 px CaiT models in
 all but the forward test) are not generated. As timm does, the ViT-like families run the "non-standard"
 config test, Swin (NHWC features) the standard one and the `features_only` test.
+
+One model per kind runs them: the first registered name of each family (module), add-on (none, AttnScale,
+FeatScale) and input size (up to 320 px, or above). The other names of a kind build the same class from the
+same code with another width, depth or name (test_models.py checks every name and its official shapes).
 """
 import importlib.util
 import os
@@ -17,6 +21,8 @@ import pytest
 import timm
 
 import models
+
+pytestmark = pytest.mark.slow  # full-size models (224 px; 384 px for the forward test)
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get('TIMM_TESTS_DIR', ROOT / '.cache' / 'timm-tests'))
@@ -36,13 +42,24 @@ def _timm_test_models():
     return module
 
 
+def one_per_kind() -> list:
+    """The first registered name of each (family, add-on, input size above 320 px) kind."""
+    kinds = {}
+    for name in models.list_variants():
+        prefix = name.split('_')[0]
+        kind = (timm.models.model_entrypoint(name).__module__, prefix if prefix in models.ADDONS else None,
+                timm.get_pretrained_cfg_value(name, 'input_size')[-1] > 320)
+        kinds.setdefault(kind, name)
+    return list(kinds.values())
+
+
 T = _timm_test_models()
-SMALL = [n for n in models.list_variants() if '_tiny_' in n or '_small_' in n or 'XXS' in n]
-AT_224 = [n for n in SMALL if timm.get_pretrained_cfg_value(n, 'input_size')[-1] <= 320]
+KINDS = one_per_kind()
+AT_224 = [n for n in KINDS if timm.get_pretrained_cfg_value(n, 'input_size')[-1] <= 320]
 SWIN = [n for n in AT_224 if '_swin_' in n]
 
 
-@pytest.mark.parametrize('name', SMALL)
+@pytest.mark.parametrize('name', KINDS)
 def test_model_forward(name):
     T.test_model_forward(name, 1)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import free_port, make_image_folder
+from helpers import free_port, make_image_folder, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--model-kwargs', 'depth=2', 'embed_dim=48', 'num_heads=2', 'patch_size=8']
@@ -21,7 +21,14 @@ FAST = ['--input-size', '32', '--batch-size', '8', '--num_workers', '0', '--mixu
 
 
 def run(args, launcher='python', nproc=2, env=None, check=True, timeout=240):
-    """Run main.py (plain, `torch.distributed.launch --use_env`, or torchrun) and return the process."""
+    """Run main.py (plain, `torch.distributed.launch --use_env`, or torchrun) and return the process; with
+    launcher='here', main.main() in this process (helpers.run_main), returned the same way."""
+    if launcher == 'here':
+        code, out, err = run_main(args, env)
+        proc = subprocess.CompletedProcess(['main.py', *map(str, args)], code, out, err)
+        if check and code != 0:
+            raise AssertionError(f'exit {code}\n{out[-3000:]}\n{err[-3000:]}')
+        return proc
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', **(env or {}))
     if launcher == 'launch':
         cmd = [sys.executable, '-m', 'torch.distributed.launch', f'--nproc_per_node={nproc}',
@@ -59,14 +66,15 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def trained(data, tmp_path_factory):
-    """Two epochs with `torch.distributed.launch --use_env`, then one more with --auto_reload."""
+    """Two epochs with `torch.distributed.launch --use_env`, then one more with --auto_reload under torchrun."""
     out = tmp_path_factory.mktemp('run')
     common = ['--model', 'attnscale_tiny_12', *TINY, *FAST, '--data-path', data, '--output_dir', out]
     first = run(common + ['--epochs', '2', '--auto_reload'], launcher='launch')
-    again = run(common + ['--epochs', '3', '--auto_reload'], launcher='launch')
+    again = run(common + ['--epochs', '3', '--auto_reload'], launcher='torchrun')
     return out, first, again
 
 
+@pytest.mark.slow
 def test_launch_training_writes_logs_and_checkpoints(trained):
     out, first, _ = trained
     assert 'number of params:' in first.stdout and 'number of GFLOPs:' in first.stdout
@@ -81,14 +89,17 @@ def test_launch_training_writes_logs_and_checkpoints(trained):
     assert {'train_loss', 'train_lr', 'test_acc1', 'test_acc5', 'test_loss', 'epoch', 'n_parameters'} <= set(entry)
 
 
+@pytest.mark.slow
 def test_auto_reload_continues_at_the_next_epoch(trained):
     out, _, again = trained
+    assert 'distributed init (rank 0/2' in again.stdout  # torchrun's 2 processes
     assert 'training continues at epoch 2' in again.stdout
     assert 'Epoch: [0]' not in again.stdout and 'Epoch: [2]' in again.stdout
     assert log_epochs(out) == [0, 1, 2]
     assert torch.load(out / 'checkpoint.pth', weights_only=True)['epoch'] == 2
 
 
+@pytest.mark.slow
 def test_lr_schedule_matches_the_official_stepping(trained):
     """Epoch e trains at lr(e-1): epochs 0 and 1 both at the warmup LR, and resuming changes nothing."""
     out, _, _ = trained
@@ -97,15 +108,7 @@ def test_lr_schedule_matches_the_official_stepping(trained):
     assert lrs[2] > 1e-4  # the cosine phase starts only at epoch 2
 
 
-def test_eval_resume_reproduces_the_last_test_accuracy(trained, data):
-    out, _, _ = trained
-    last = json.loads((out / 'log.txt').read_text().splitlines()[-1])
-    proc = run(['--model', 'attnscale_tiny_12', *TINY, *FAST, '--data-path', data, '--eval',
-                '--resume', out / 'checkpoint.pth'], launcher='launch')
-    assert eval_accuracy(proc.stdout) == pytest.approx(last['test_acc1'], abs=0.05)
-    assert 'Accuracy of the network on the 20 test images' in proc.stdout
-
-
+@pytest.mark.slow
 def test_dist_eval_matches_single_process_accuracy_and_warns_about_padding(trained, data, tmp_path):
     """--dist-eval on 2 processes: 20 validation images split 10 + 10 give the accuracy of the one-process
     evaluation logged by training; 19 images are padded to 20 (DistributedSampler), which the run announces."""
@@ -127,6 +130,7 @@ def test_dist_eval_matches_single_process_accuracy_and_warns_about_padding(train
     assert 'Accuracy of the network on the 19 test images' in padded.stdout
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_the_expected_tags(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out, _, _ = trained
@@ -138,28 +142,25 @@ def test_tensorboard_holds_the_expected_tags(trained):
     assert [e.step for e in acc.Scalars('test/acc1')][-3:] == [0, 1, 2]
 
 
-def test_torchrun_and_single_process(data, tmp_path):
-    for launcher, nproc in (('torchrun', 2), ('python', 1)):
-        out = tmp_path / launcher
-        proc = run(['--model', 'featscale_tiny_12', *TINY, *FAST, '--data-path', data, '--output_dir', out,
-                    '--epochs', '1', '--no-model-ema', '--no-log-tensorboard'], launcher=launcher, nproc=nproc)
-        assert log_epochs(out) == [0]
-        assert not list(out.glob('events.out.tfevents.*'))
-        assert ('distributed init (rank 0/2' in proc.stdout) == (nproc == 2)
-
-
-def test_launch_without_use_env_passes_local_rank(data, trained, tmp_path):
+@pytest.mark.slow
+def test_launch_without_use_env_passes_local_rank_and_eval_resume_reproduces_the_last_test_accuracy(trained, data):
+    out, _, _ = trained
+    last = json.loads((out / 'log.txt').read_text().splitlines()[-1])
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2',
                            '--master_port', str(free_port()), 'main.py', '--model', 'attnscale_tiny_12', *TINY, *FAST,
-                           '--data-path', str(data), '--eval', '--resume', str(trained[0] / 'checkpoint.pth')],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+                           '--data-path', str(data), '--eval', '--resume', str(out / 'checkpoint.pth')], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'Accuracy of the network on the 20 test images' in proc.stdout
+    assert eval_accuracy(proc.stdout) == pytest.approx(last['test_acc1'], abs=0.05)
 
 
-@pytest.mark.parametrize('variant', ['attnscale_cait_XXS24_224', 'featscale_cait_XXS24_224'])
-def test_cait_finetune_from_a_module_prefixed_baseline(data, tmp_path, variant):
+@pytest.mark.slow
+def test_cait_finetune_from_a_module_prefixed_baseline(data, tmp_path):
+    """Both add-ons on a CaiT checkpoint whose keys carry DDP's `module.` prefix: before any step the add-on model
+    evaluates exactly as the baseline, and fine-tuning writes the add-on's gains (FeatScale with 2 processes,
+    AttnScale in one)."""
     import timm
     import models  # noqa: F401  (registers the variants)
     kwargs = dict(depth=2, img_size=32, patch_size=8, num_classes=4)
@@ -167,19 +168,22 @@ def test_cait_finetune_from_a_module_prefixed_baseline(data, tmp_path, variant):
     path = tmp_path / 'cait_baseline.pth'
     torch.save({'model': {f'module.{k}': v for k, v in baseline.state_dict().items()}}, path)
     cait = ['--model-kwargs', 'depth=2', 'patch_size=8', *FAST, '--data-path', data]
-    base = run(['--model', 'cait_XXS24_224', *cait, '--eval', '--resume', path])
-    tuned = run(['--model', variant, *cait, '--eval', '--resume', path])
-    assert 'add-on parameters start at zero' in tuned.stdout
-    losses = [re.findall(r'\* Acc@1 ([\d.]+) Acc@5 [\d.]+ loss ([\d.]+)', p.stdout)[-1] for p in (base, tuned)]
-    assert losses[0] == losses[1]  # before any step, the add-on model computes the baseline
-    out = tmp_path / 'ft'
-    run(['--model', variant, *cait, '--epochs', '1', '--output_dir', out, '--resume', path, '--auto_reload'],
-        launcher='launch')
-    assert log_epochs(out) == [0]
-    state = torch.load(out / 'checkpoint.pth', weights_only=True)['model']
-    assert any(k.endswith('lamb') or k.endswith('lamb1') for k in state)
+    base = run(['--model', 'cait_XXS24_224', *cait, '--eval', '--resume', path], launcher='here')
+    for variant, launcher, gain in (('attnscale_cait_XXS24_224', 'here', 'attn.lamb'),
+                                    ('featscale_cait_XXS24_224', 'launch', 'lamb1')):
+        tuned = run(['--model', variant, *cait, '--eval', '--resume', path], launcher='here')
+        assert 'add-on parameters start at zero' in tuned.stdout
+        losses = [re.findall(r'\* Acc@1 ([\d.]+) Acc@5 [\d.]+ loss ([\d.]+)', p.stdout)[-1] for p in (base, tuned)]
+        assert losses[0] == losses[1]  # before any step, the add-on model computes the baseline
+        out = tmp_path / variant
+        run(['--model', variant, *cait, '--epochs', '1', '--output_dir', out, '--resume', path, '--auto_reload'],
+            launcher=launcher)
+        assert log_epochs(out) == [0]
+        state = torch.load(out / 'checkpoint.pth', weights_only=True)['model']
+        assert any(k.endswith(gain) for k in state)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_message(data, tmp_path):
     proc = run(['--model', 'deit_tiny_12', *TINY, *FAST, '--data-path', data, '--output_dir', tmp_path,
                 '--epochs', '1', '--lr', '1e30', '--warmup-epochs', '0'], launcher='launch', check=False)
@@ -187,23 +191,33 @@ def test_nan_loss_stops_with_a_clear_message(data, tmp_path):
     assert re.search(r'error: loss is (nan|inf) at epoch 0; lower --lr', proc.stderr)
 
 
-@pytest.mark.parametrize('name,flags', [('bfloat16', ['--amp-dtype', 'bfloat16']), ('compile', ['--compile'])])
-def test_bfloat16_and_compile_train_and_evaluate(data, tmp_path, name, flags):
+@pytest.mark.parametrize('name,flags,train', [
+    pytest.param('bfloat16', ['--amp-dtype', 'bfloat16'], ['--amp-dtype', 'bfloat16'], id='bfloat16'),
+    pytest.param('compile', ['--compile'], ['--compile', '--compile-backend', 'aot_eager'], id='compile',
+                 marks=pytest.mark.slow)])
+def test_bfloat16_and_compile_train_and_evaluate(data, tmp_path, name, flags, train):
     """A training epoch and an evaluation with the flag: the checkpoint holds the plain model's keys, and its
-    evaluation with the flag agrees with the float32 eager one (bfloat16: to bfloat16's precision). --compile
-    trains on 2 processes: the DDP module is compiled (timm's order), and the checkpoint still has plain keys."""
+    evaluation with the flag agrees with the float32 eager one (bfloat16: to bfloat16's precision).
+
+    bfloat16 trains in one process, which logs its one epoch, starts no process group and, with
+    --no-log-tensorboard, writes no event file. --compile trains on 2 processes: the DDP module is compiled
+    (timm's order) and the checkpoint still has plain keys; that run traces through aot_eager, the evaluation
+    compiles with the default backend (inductor), whose code must give the eager accuracy and loss."""
     common = ['--model', 'attnscale_tiny_12', *TINY, *FAST, '--data-path', data, '--no-model-ema',
               '--no-log-tensorboard']
     out = tmp_path / name
-    run(common + ['--epochs', '1', '--output_dir', out, *flags], launcher='launch' if name == 'compile' else 'python',
-        timeout=500)
+    proc = run(common + ['--epochs', '1', '--output_dir', out, *train],
+               launcher='launch' if name == 'compile' else 'here', timeout=500)
     stats = json.loads((out / 'log.txt').read_text())
     assert stats['epoch'] == 0 and math.isfinite(stats['train_loss']) and math.isfinite(stats['test_loss'])
+    assert ('distributed init (rank 0/2' in proc.stdout) == (name == 'compile')
+    assert not list(out.glob('events.out.tfevents.*'))
     state = torch.load(out / 'checkpoint.pth', weights_only=True)['model']
     assert 'blocks.0.attn.lamb' in state and not any(k.startswith('_orig_mod.') for k in state)
     resume = ['--eval', '--resume', out / 'checkpoint.pth']
-    acc_ref, loss_ref = eval_summary(run(common + resume, launcher='python').stdout)
-    acc, loss = eval_summary(run(common + resume + flags, launcher='python', timeout=400).stdout)
+    acc_ref, loss_ref = eval_summary(run(common + resume, launcher='here').stdout)
+    acc, loss = eval_summary(run(common + resume + flags, launcher='python' if name == 'compile' else 'here',
+                                 timeout=400).stdout)
     if name == 'compile':
         assert acc == acc_ref and abs(loss - loss_ref) <= 1e-3
     else:
