@@ -88,15 +88,21 @@ def test_gain_gradients_against_finite_differences(name, gain):
         assert rel_err(grads[dtype][probes], torch.tensor(fd, dtype=torch.float64)) <= tolerance, dtype
 
 
-BOUND = {  # toy models, and Swin with Swin-T's four stages at 224 px: the two-stage toy Swin's maps are nearly
-    # uniform (lamb-gradients of 1e-6), far from the real model's regime, where A v rounded to 16 bits hardly
-    # differs from DC[v] and both paths' errors are set by that rounding
+SWIN_T4 = (dict(depths=(2, 2, 2, 2)), 224, 4)
+BOUND = {  # toy models, and Swin with Swin-T's four stages at 224 px where the two-stage toy's maps are nearly
+    # uniform (lamb-gradients of 1e-6), far from the real model's regime: A v rounded to 16 bits hardly differs
+    # from DC[v] there, and both paths' errors are set by that rounding; 4 images (with 2, one image's noise
+    # decides the float16 ratio: 1.00 to 1.46 by seed)
     **{(name, dtype): None for name in FAMILIES for dtype in LOW if 'swin' not in name},
-    **{(name, dtype): (dict(depths=(2, 2, 2, 2)), 224, 2) for name in FAMILIES for dtype in LOW if 'swin' in name},
+    **{(name, torch.bfloat16): SWIN_T4 for name in FAMILIES if 'swin' in name},
+    ('featscale_swin_tiny_patch4_window7_224', torch.float16): None,
+    ('attnscale_swin_tiny_patch4_window7_224', torch.float16): SWIN_T4,  # float16 on a CPU: a minute
 }
 
 
-@pytest.mark.parametrize('name,dtype', BOUND, ids=[f'{n}-{str(d)[6:]}' for n, d in BOUND])
+@pytest.mark.parametrize('name,dtype', [
+    pytest.param(n, d, id=f'{n}-{str(d)[6:]}', marks=[pytest.mark.slow] if (n, d) == (
+        'attnscale_swin_tiny_patch4_window7_224', torch.float16) else []) for n, d in BOUND])
 def test_low_precision_gain_gradients_are_as_accurate_as_the_explicit_formula(name, dtype):
     """Under autocast, dL/d(gains) on the path a GPU run takes is within 1.25x the error of the explicit formula
     (the map A' formed, FeatScale after the projection) run in the same precision, both against float64 of the
