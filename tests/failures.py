@@ -3,6 +3,8 @@ existed before are unchanged; plus a tiny model and a finished run to try things
 import re
 from pathlib import Path
 
+from helpers import make_image_folder, run_main
+
 MODEL = ['--model', 'deit_tiny_12', '--model-kwargs', 'depth=2', 'embed_dim=48', 'num_heads=2', 'patch_size=8']
 SMALL = ['--input-size', '32', '--batch-size', '8', '--num_workers', '0', '--data-set', 'IMNET', '--no-log-tensorboard',
          '--print-freq', '100']
@@ -25,3 +27,15 @@ def assert_one_error(code, err: str, pattern: str, status: int = 2, prefix: str 
     assert not others, err
     assert not TRACEBACK.search(err), err
     return lines[0]
+
+
+def small_data(root: Path) -> Path:
+    """Two classes of 8 training and 2 validation images under `root`."""
+    return make_image_folder(root, num_classes=2, train_per_class=8, val_per_class=2)
+
+
+def finished_run(data: Path, out: Path, *flags) -> Path:
+    """`out` after a run of the tiny model on `data` with `flags` ended well."""
+    code, _, err = run_main([*TINY, *flags, '--data-path', data, '--output_dir', out])
+    assert code == 0, err
+    return out

@@ -14,22 +14,19 @@ import torch
 import main
 import models
 import startup
-from failures import SMALL, TINY, assert_one_error, snapshot
+from failures import SMALL, TINY, assert_one_error, finished_run, small_data, snapshot
 from helpers import make_image_folder, run_main
 
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp('data'), num_classes=2, train_per_class=8, val_per_class=2)
+    return small_data(tmp_path_factory.mktemp('data'))
 
 
 @pytest.fixture(scope='module')
 def finished(data, tmp_path_factory):
     """A finished 1-epoch run: its output folder."""
-    out = tmp_path_factory.mktemp('finished')
-    code, _, err = run_main([*TINY, '--data-path', data, '--output_dir', out, '--epochs', 1])
-    assert code == 0, err
-    return out
+    return finished_run(data, tmp_path_factory.mktemp('finished'), '--epochs', 1)
 
 
 @pytest.fixture

@@ -12,24 +12,21 @@ import pytest
 import torch
 
 import rundir
-from failures import TINY, assert_one_error, snapshot
-from helpers import make_image_folder, run_main
+from failures import TINY, assert_one_error, finished_run, small_data, snapshot
+from helpers import run_main
 
 SCHEDULE = ['--lr', '1e-3', '--unscale-lr', '--min-lr', '1e-5', '--warmup-epochs', '0']  # plain cosine
 
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp('data'), num_classes=2, train_per_class=8, val_per_class=2)
+    return small_data(tmp_path_factory.mktemp('data'))
 
 
 @pytest.fixture(scope='module')
 def finished(data, tmp_path_factory):
     """A finished 2-epoch run: its output folder."""
-    out = tmp_path_factory.mktemp('finished')
-    code, _, err = run_main([*TINY, *SCHEDULE, '--data-path', data, '--output_dir', out, '--epochs', 2])
-    assert code == 0, err
-    return out
+    return finished_run(data, tmp_path_factory.mktemp('finished'), *SCHEDULE, '--epochs', 2)
 
 
 @pytest.fixture
