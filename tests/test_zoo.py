@@ -1,0 +1,248 @@
+"""The add-ons in timm's zoo beyond ViT, CaiT and Swin, one tiny real instance per adapter (code path):
+
+- zero gains compute timm's own model bit for bit, in eval mode, on the fused and the explicit attention path;
+- non-zero gains (-1 among them) match the definitions computed independently on timm's plain model: every softmax
+  map of a token-attention module replaced by A' = (1 + lamb) A - lamb A_dc (A_dc = 1/N_k, or 1/N_valid on the valid
+  keys under a padding mask), and the attention branch's output y by y + lamb1 DC[y] + lamb2 HF[y] (DC over the
+  image's tokens), written out here in float64 with no code of models/;
+- the fused forms (attention kernel, add-ons through the projection) equal the plain formulas (A' formed on the
+  explicit map, FeatScale after the projection), outputs and every gradient; gradients are finite at lamb = -1.
+"""
+import copy
+
+import pytest
+import timm
+import torch
+from torch.overrides import TorchFunctionMode
+
+import models
+from models.plugin import AttnScaleAttention, FeatScaleProjection, install, self_attention_blocks
+
+ADDON = ('lamb', 'lamb1', 'lamb2')
+
+
+def image(size):
+    return lambda batch: torch.randn(batch, 3, size, size)
+
+
+def naflex_batch(batch, patch=8, grid=(4, 4), valid=(16, 10)):
+    """NaFlexViT's dict input: flattened patches, their coordinates, and padding (the last images' patches past
+    `valid[i]` are padding)."""
+    n = grid[0] * grid[1]
+    coord = torch.stack(torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing='ij'), -1).view(n, 2)
+    keep = torch.arange(n)[None] < torch.tensor([valid[i % len(valid)] for i in range(batch)])[:, None]
+    return dict(patches=torch.randn(batch, n, patch * patch * 3), patch_coord=coord.expand(batch, n, 2),
+                patch_valid=keep)
+
+
+# name: (timm model, its kwargs, input, where FeatScale's branch output is: (block attribute, layout))
+FAMILIES = {
+    'eva': ('eva02_tiny_patch14_224', dict(img_size=28, depth=2), image(28), ('attn', 'nlc')),
+    'eva-separate-qkv': ('vit_pe_core_tiny_patch16_384', dict(img_size=32, depth=2), image(32), ('attn', 'nlc')),
+    'rope-vit': ('vit_small_patch16_rope_224', dict(img_size=32, depth=2, embed_dim=64, num_heads=2), image(32),
+                 ('attn', 'nlc')),
+    'eva-post-norm': ('eva02_tiny_patch14_224', dict(img_size=28, depth=2, use_post_norm=True), image(28),
+                      ('norm1', 'nlc')),
+    'beit': ('beit_base_patch16_224', dict(img_size=32, depth=2, embed_dim=64, num_heads=2), image(32),
+             ('attn', 'nlc')),
+    'relpos-vit': ('vit_relpos_small_patch16_224', dict(img_size=32, depth=2, embed_dim=64, num_heads=2), image(32),
+                   ('attn', 'nlc')),
+    'relpos-vit-res-post': ('vit_relpos_small_patch16_rpn_224', dict(img_size=32, depth=2, embed_dim=64, num_heads=2),
+                            image(32), ('norm1', 'nlc')),
+    'vit-res-post': ('vit_tiny_patch16_224', dict(img_size=32, depth=2, block_fn='ResPostBlock'), image(32),
+                     ('norm1', 'nlc')),
+    'naflexvit-padding': ('naflexvit_base_patch16_gap', dict(depth=2, embed_dim=64, num_heads=2, patch_size=8,
+                                                         init_values=0.5),
+                          naflex_batch, ('attn', 'nlc')),
+    'crossvit': ('crossvit_tiny_240', dict(img_size=48, img_scale=(1., 1.), depth=((1, 1, 0),), embed_dim=(32, 64),
+                                           num_heads=(2, 2)), image(48), ('attn', 'nlc')),
+    'pit': ('pit_ti_224', dict(img_size=32, depth=(1, 1, 1), heads=(1, 2, 2), base_dims=(16, 16, 16)), image(32),
+            ('attn', 'nlc')),
+    'mobilevit': ('mobilevit_xxs', dict(), image(128), ('attn', 'nlc')),  # 4 x 4 patches in the last stage
+}
+
+
+def build(family):
+    name, kwargs, _, _ = FAMILIES[family]
+    kwargs = dict(kwargs)
+    if kwargs.get('block_fn') == 'ResPostBlock':
+        from timm.models.vision_transformer import ResPostBlock
+        kwargs['block_fn'] = ResPostBlock
+    torch.manual_seed(0)
+    return timm.create_model(name, num_classes=5, **kwargs).eval()
+
+
+def inputs(family, batch=2):
+    torch.manual_seed(1)
+    return FAMILIES[family][2](batch)
+
+
+def cast(x, dtype):
+    if isinstance(x, dict):
+        return {k: cast(v, dtype) for k, v in x.items()}
+    return x.to(dtype) if x.is_floating_point() else x
+
+
+def with_addon(base, addon):
+    model = copy.deepcopy(base)
+    return install(model, attn_scale=addon in ('attnscale', 'both'), feat_scale=addon in ('featscale', 'both'))
+
+
+def random_gains(model, seed=2):
+    """Gains in [-1, 1], the first of each at exactly -1."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.rsplit('.', 1)[-1] in ADDON:
+                p.copy_(torch.rand(p.shape, generator=gen, dtype=torch.float64) * 2 - 1)
+                p.view(-1)[0] = -1.
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n.rsplit('.', 1)[-1] in ADDON}
+
+
+def set_fused(model, on):
+    for m in model.modules():
+        if hasattr(m, 'fused_attn'):
+            m.fused_attn = on
+
+
+@pytest.mark.parametrize('fused', [True, False], ids=['fused', 'explicit'])
+@pytest.mark.parametrize('addon', models.ADDONS)
+@pytest.mark.parametrize('family', FAMILIES)
+def test_zero_gains_compute_timms_model_bit_for_bit(family, addon, fused):
+    base = build(family)
+    model = models.apply_addon(copy.deepcopy(base), addon)
+    for m in (base, model):
+        set_fused(m, fused)
+    gains = [n for n, _ in model.named_parameters() if n.rsplit('.', 1)[-1] in ADDON]
+    expected = len(self_attention_blocks(model)) * (1 if addon == 'attnscale' else 2)
+    assert len(gains) == expected and set(base.state_dict()) == set(model.state_dict()) - set(gains)
+    x = inputs(family)
+    with torch.no_grad():
+        assert torch.equal(base(x), model(x))
+    assert torch.equal(base(x), model(x))  # gradients recorded: the fused projections
+
+
+class Definitions(TorchFunctionMode):
+    """On timm's plain model: inside each token-attention module that has AttnScale gains, every softmax map A is
+    replaced by (1 + lamb) A - lamb A_dc (per head, on axis -3)."""
+
+    def __init__(self, model, gains, valid_keys=None):
+        super().__init__()
+        self.current, self.valid_keys = None, valid_keys
+        self.hooks = []
+        modules = dict(model.named_modules())
+        for name, lamb in gains.items():
+            owner, key = name.rsplit('.', 1)
+            if key == 'lamb':
+                m = modules[owner]
+                self.hooks.append(m.register_forward_pre_hook(lambda m, a, lamb=lamb: setattr(self, 'current', lamb)))
+                self.hooks.append(m.register_forward_hook(lambda m, a, o: setattr(self, 'current', None)))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.current is None or getattr(func, '__name__', '') != 'softmax':
+            return out
+        lamb = self.current.view(-1, 1, 1)
+        n_k = out.shape[-1]
+        if self.valid_keys is not None and n_k == self.valid_keys.shape[-1]:
+            valid = self.valid_keys.double().view(out.shape[0], *[1] * (out.dim() - 2), n_k)
+            a_dc = valid / valid.sum(-1, keepdim=True)
+        else:
+            a_dc = torch.full_like(out, 1. / n_k)
+        return (1 + lamb) * out - lamb * a_dc
+
+
+def written_out_featscale(y, lamb1, lamb2, layout, valid=None):
+    """y + lamb1 DC[y] + lamb2 (y - DC[y]), DC the mean over the image's tokens (the valid ones)."""
+    if layout == 'nchw':
+        return written_out_featscale(y.permute(0, 2, 3, 1), lamb1, lamb2, 'nhwc').permute(0, 3, 1, 2)
+    tokens = y.reshape(y.shape[0], -1, y.shape[-1])
+    if valid is None:
+        dc = tokens.mean(dim=1, keepdim=True)
+    else:
+        w = valid.double().unsqueeze(-1)
+        dc = (tokens * w).sum(1, keepdim=True) / w.sum(1, keepdim=True)
+    return (tokens + lamb1 * dc + lamb2 * (tokens - dc)).view(y.shape)
+
+
+def featscale_hooks(model, gains, where, valid=None):
+    attr, layout = where
+    modules = dict(model.named_modules())
+    hooks = []
+    for name, lamb1 in gains.items():
+        owner, key = name.rsplit('.', 1)
+        if key != 'lamb1':
+            continue
+        lamb2 = gains[f'{owner}.lamb2']
+
+        def hook(m, args, out, lamb1=lamb1, lamb2=lamb2):
+            if isinstance(out, tuple):
+                return (written_out_featscale(out[0], lamb1, lamb2, layout, valid),) + out[1:]
+            return written_out_featscale(out, lamb1, lamb2, layout, valid)
+        hooks.append(getattr(modules[owner], attr).register_forward_hook(hook))
+    return hooks
+
+
+def valid_tokens(model, x):
+    """(B, N) valid tokens of a NaFlexViT batch: the prefix tokens and the valid patches."""
+    if not isinstance(x, dict):
+        return None
+    prefix = torch.ones(x['patch_valid'].shape[0], model.num_prefix_tokens, dtype=torch.bool)
+    return torch.cat([prefix, x['patch_valid']], dim=1)
+
+
+@pytest.mark.parametrize('addon', models.ADDONS)
+@pytest.mark.parametrize('family', FAMILIES)
+def test_gains_match_the_written_out_definitions(family, addon):
+    base = build(family).double()
+    model = with_addon(base, addon)
+    gains = random_gains(model)
+    x = cast(inputs(family), torch.float64)
+    set_fused(base, False)
+    valid = valid_tokens(base, x)
+    with torch.no_grad():
+        got = model(x)
+        hooks = featscale_hooks(base, gains, FAMILIES[family][3], valid)
+        definitions = Definitions(base, gains, valid)
+        with definitions:
+            expected = base(x)
+        for h in hooks + definitions.hooks:
+            h.remove()
+        plain = base(x)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10 * scale)
+    assert (got - plain).abs().max() > 1e-7 * scale  # the gains act, by far more than the tolerance
+
+
+def plain_formulas(model):
+    """`model` with A' formed on the explicit map and FeatScale after the projection (no fused form)."""
+    model = copy.deepcopy(model)
+    set_fused(model, False)
+    for m in model.modules():
+        if isinstance(m, AttnScaleAttention):
+            m.map_dropped = lambda m=m: m.lamb is not None
+        if isinstance(m, FeatScaleProjection):
+            m.featscale_fused = lambda: False
+    return model
+
+
+@pytest.mark.parametrize('addon', models.ADDONS)
+@pytest.mark.parametrize('family', FAMILIES)
+def test_fused_forms_equal_the_plain_formulas_with_finite_gradients(family, addon):
+    model = with_addon(build(family), addon).train()
+    random_gains(model)
+    plain = plain_formulas(model)
+    x = inputs(family, batch=3)
+    outs = []
+    for m in (model, plain):
+        torch.manual_seed(3)  # the same dropout masks where timm keeps dropout in its position MLPs
+        out = m(x)
+        out.square().mean().backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for (n, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert p.grad is not None or q.grad is None, n
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all(), n
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.rsplit('.', 1)[-1] in ADDON)
