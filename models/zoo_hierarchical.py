@@ -187,6 +187,7 @@ class CoAtNetAttention(Attention2d, AttnScaleAttention):
 
 class CoAtNetBlock(TransformerBlock2d, FeatScaleProjection):
     """CoAtNet's transformer block with optional FeatScale on the attention branch (B, C, H, W), before `ls1`."""
+    channels_first = True  # its maps, for diagnostics.py
 
     def forward(self, x: torch.Tensor, shared_rel_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
         y = self.feat_scaled_map(self.attn(self.norm1(x), shared_rel_pos=shared_rel_pos), channels_first=True)
@@ -435,6 +436,11 @@ class LevitBranch(FeatScaleProjection):
 
     def branch_channels(self) -> int:
         return self.attn.proj.ln.bn.num_features
+
+    @property
+    def channels_first(self) -> bool:
+        """Whether its tokens are maps (B, C, H, W) (convolutional LeViT), for diagnostics.py."""
+        return bool(self.attn.use_conv)
 
 
 class LevitBlockAddon(LevitBlock, LevitBranch):
