@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Which of timm's pretrained architectures take AttnScale and FeatScale (`models.apply_addon`), per family.
 
-Every architecture of `timm.list_models(pretrained=True)` (its weight tags counted apart) is built on the meta
-device (shapes only, no memory, no weights) and sorted by its timm module (the family). An architecture counts
-when it holds a token-to-token softmax attention module (`models/token_attention.py`); it is covered when both
-add-ons install, with gains on every such module. The table gives, per family: architectures, weight tags,
-covered architectures and tags, and why the others are not (the first line of `apply_addon`'s refusal).
+Every architecture of `timm.list_models(pretrained=True)` that timm itself defines (not the variants this
+repository registers; its weight tags counted apart) is built on the meta device (shapes only, no memory, no
+weights) and sorted by its timm module (the family). An architecture counts when it holds a token-to-token
+softmax attention module (`models/token_attention.py`); it is covered when both add-ons install, with gains on
+every such module. The table gives, per family: architectures, weight tags, covered architectures and tags, and
+why the others are not (the first line of `apply_addon`'s refusal, grouped by the attention class).
 Families without token attention where FeatScale installs are listed after the table.
 
     python scripts/addon_coverage.py                          # all of timm's pretrained zoo (a few minutes)
@@ -14,6 +15,7 @@ Families without token attention where FeatScale installs are listed after the t
 """
 import argparse
 import json
+import re
 import sys
 import time
 import warnings
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.models import model_entrypoint
 from timm.models._registry import _model_to_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,10 +42,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def architectures(families=None) -> dict:
-    """{architecture: [weight tags]} of timm's pretrained zoo, in the given families (timm modules) only."""
+    """{architecture: [weight tags]} of timm's own pretrained zoo, in the given families (timm modules) only."""
     found = defaultdict(list)
     for name in timm.list_models(pretrained=True):
         arch = name.split('.')[0]
+        if not model_entrypoint(arch).__module__.startswith('timm.'):  # registered by `import models`
+            continue
         if families is None or _model_to_module.get(arch) in families:
             found[arch].append(name)
     return dict(found)
@@ -76,9 +81,10 @@ def check(arch: str) -> dict:
 
 
 def reason(result: dict) -> str:
-    """Why an architecture with token attention is not covered: the first refusal, without the model's class."""
+    """Why an architecture with token attention is not covered: the first refusal, without the model's class and
+    the module's path (so that the architectures of a family group by the attention class that has no adapter)."""
     text = next(result[a] for a in models.ADDONS if not isinstance(result[a], int))
-    return text.split(': ', 1)[-1] if ': its ' in text else text
+    return re.sub(r' \([\w.]+\)', '', text.split(': ', 1)[-1]) if ': its ' in text else text
 
 
 def summarize(results: dict, tags: dict) -> dict:
@@ -122,6 +128,7 @@ def render(summary: dict) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = get_args_parser().parse_args(argv)
     tags = architectures(set(args.families) if args.families else None)
     if not tags:
@@ -136,7 +143,7 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
     summary = summarize(results, tags)
     print(f'timm {timm.__version__}: architectures of list_models(pretrained=True) with token-to-token attention, '
-          'and those both add-ons install into (python scripts/addon_coverage.py)\n')
+          f'and those both add-ons install into ({" ".join(["python scripts/addon_coverage.py", *argv])})\n')
     print(render(summary))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(summary=summary, architectures=results), indent=1))

@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 import models
 from models.plugin import AttnScaleAttention, FeatScaleProjection, install, self_attention_blocks
+from models.token_attention import NOT_TOKEN_ATTENTION, token_attention_modules
 
 ADDON = ('lamb', 'lamb1', 'lamb2')
 
@@ -293,3 +294,43 @@ def test_fused_forms_equal_the_plain_formulas_with_finite_gradients(family, addo
             assert torch.isfinite(p.grad).all(), n
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-7, atol=1e-10 * scale, msg=n)
     assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.rsplit('.', 1)[-1] in ADDON)
+
+
+@pytest.mark.parametrize('addon', models.ADDONS)
+def test_padded_tokens_never_reach_the_valid_ones(addon):
+    """NaFlexViT with non-zero gains: DC[v] and DC[y] run over the valid tokens only, so whatever the padded patches
+    hold, the logits stay the same (as in timm's model), while a valid patch changes them."""
+    base = build('naflexvit-padding')
+    model = with_addon(base, addon)
+    random_gains(model)
+    x = inputs('naflexvit-padding')
+    padded, valid = dict(x), dict(x)
+    padded['patches'] = torch.where(x['patch_valid'][..., None], x['patches'], 100 * torch.randn_like(x['patches']))
+    valid['patches'] = x['patches'].clone()
+    valid['patches'][:, 0] += 1
+    assert not x['patch_valid'].all()
+    with torch.no_grad():
+        for m in (base, model):
+            assert torch.equal(m(padded), m(x))
+            assert (m(valid) - m(x)).abs().max() > 1e-4
+        assert (model(x) - base(x)).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize('family', ['crossvit', 'volo'])
+def test_one_query_attention_gets_no_gains(family):
+    """CrossViT's cross-attention (one branch's class token to the other branch) and VOLO's class attention have one
+    query per image: no token-to-token map, so neither they nor their blocks take gains; every token-attention
+    module does."""
+    base = build(family)
+    one_query = [n for n, m in base.named_modules() if isinstance(m, tuple(NOT_TOKEN_ATTENTION))]
+    attentions = [n for n, _ in token_attention_modules(base)]
+    assert len(one_query) >= 1 and len(attentions) >= 2
+    for addon in models.ADDONS:
+        model = models.apply_addon(copy.deepcopy(base), addon)
+        gains = [n.rsplit('.', 1) for n, _ in model.named_parameters() if n.rsplit('.', 1)[-1] in ADDON]
+        owners = {owner for owner, _ in gains}
+        assert not any(o == q or q.startswith(o + '.') for o in owners for q in one_query)
+        if addon == 'attnscale':
+            assert sorted(owners) == sorted(attentions)
+        else:
+            assert len(gains) == 2 * len(attentions)
