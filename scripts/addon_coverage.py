@@ -108,7 +108,8 @@ def summarize(results: dict, tags: dict) -> dict:
 
 def render(summary: dict) -> str:
     """The markdown table (families with token attention, most architectures first), totals, FeatScale-only list."""
-    rows = sorted(((n, f) for n, f in summary.items() if f['architectures']), key=lambda t: (-t[1]['architectures'], t[0]))
+    rows = sorted(((n, f) for n, f in summary.items() if f['architectures']),
+                  key=lambda t: (-t[1]['architectures'], t[0]))
     lines = ['| family (timm module) | architectures | weight tags | covered | covered tags | not covered: why |',
              '|---|---|---|---|---|---|']
     for name, f in rows:

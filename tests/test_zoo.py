@@ -14,7 +14,8 @@ from dataclasses import replace
 import pytest
 import timm
 import torch
-from timm.models import maxxvit, mvitv2, volo
+from timm.models import byobnet, maxxvit, mobilevit, mvitv2, volo
+from timm.models.byobnet import ByoBlockCfg
 from timm.models.vision_transformer import ResPostBlock
 from torch.overrides import TorchFunctionMode
 
@@ -47,6 +48,7 @@ FAMILIES = {
     'rope-grouped-query': ('vit_small_patch16_rope_224', dict(img_size=32, depth=2, embed_dim=64, num_heads=4,
                                                              qkv_fused=False, num_kv_heads=2, init_values=.5),
                            image(32), ('attn', 'nlc')),
+    'qwen3-vl': ('qwen3_vit_306m', dict(img_size=32, depth=2, embed_dim=64, num_heads=2), image(32), ('attn', 'nlc')),
     'deepseek': ('deepseek_vit_412m', dict(img_size=28, depth=2, embed_dim=64, num_heads=2), image(28),
                  ('attn', 'nlc')),
     'beit': ('beit_base_patch16_224', dict(img_size=32, depth=2, embed_dim=64, num_heads=2), image(32),
@@ -60,6 +62,9 @@ FAMILIES = {
     'naflexvit-padding': ('naflexvit_base_patch16_gap', dict(depth=2, embed_dim=64, num_heads=2, patch_size=8,
                                                          init_values=0.5),
                           naflex_batch, ('attn', 'nlc')),
+    'pit': ('pit_ti_224', dict(img_size=32, patch_size=8, stride=4, base_dims=(16, 16), depth=(1, 1), heads=(1, 2)),
+            image(32), ('attn', 'nlc')),  # timm's blocks inside pooling stages
+    'mobilevit': (lambda: tiny_mobilevit(), {}, image(32), ('attn', 'nlc')),  # timm's blocks over unfolded patches
     'crossvit': ('crossvit_tiny_240', dict(img_size=48, img_scale=(1., 1.), depth=((1, 1, 0),), embed_dim=(32, 64),
                                            num_heads=(2, 2)), image(48), ('attn', 'nlc')),
     'swinv2': ('swinv2_tiny_window8_256', dict(img_size=32, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
@@ -94,6 +99,18 @@ def tiny_maxvit(name, block_type=('M', 'M'), depths=(1, 1)):
     cfg = replace(cfg, embed_dim=(32, 32), depths=depths, block_type=block_type, stem_width=16,
                   transformer_cfg=replace(cfg.transformer_cfg, dim_head=16, window_size=(2, 2), grid_size=(2, 2)))
     return maxxvit.MaxxVit(cfg, img_size=32)
+
+
+def tiny_mobilevit():
+    """MobileViT v1 (timm's `mobilevit_xxs` layout): a stride-2 bottleneck, then a MobileViT block of two timm
+    blocks over the 8 x 8 map unfolded into 2 x 2 patches."""
+    bottle = dict(type='bottle', d=1, gs=1, br=2., block_kwargs=dict(bottle_in=True, linear_out=True))
+    vit = dict(transformer_dim=32, transformer_depth=2, patch_size=2, num_heads=2)
+    cfg = replace(mobilevit.model_cfgs['mobilevit_xxs'], stem_chs=8, num_features=32, blocks=(
+        ByoBlockCfg(c=16, s=2, **bottle),
+        (ByoBlockCfg(c=16, s=2, **bottle),
+         ByoBlockCfg(type='mobilevit', d=1, c=16, s=1, gs=None, br=1., block_kwargs=vit))))
+    return byobnet.ByobNet(cfg, num_classes=5)
 
 
 def build(family):
