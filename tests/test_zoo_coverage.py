@@ -1,5 +1,5 @@
 """scripts/addon_coverage.py on a few of timm's families (meta device, in-process): the numbers it prints, its JSON,
-and that docs/models.md shows the same rows."""
+and that docs/models.md shows the same rows. Those build 25 full-size architectures (shapes only): slow tier."""
 import io
 import json
 import re
@@ -35,6 +35,7 @@ def rows(text):
     return {line.split(' | ')[0].strip('| *'): line for line in text.splitlines() if line.startswith('| ')}
 
 
+@pytest.mark.slow
 def test_prints_per_family_architectures_tags_covered_and_why(printed):
     text, _ = printed
     table = rows(text)
@@ -46,6 +47,7 @@ def test_prints_per_family_architectures_tags_covered_and_why(printed):
     assert '(python scripts/addon_coverage.py --families levit pit convit swiftformer --json' in text
 
 
+@pytest.mark.slow
 def test_json_has_every_architecture_with_its_gains(printed):
     _, data = printed
     archs = data['architectures']
@@ -62,6 +64,7 @@ def test_json_has_every_architecture_with_its_gains(printed):
                                           featscale_only=0)
 
 
+@pytest.mark.slow
 def test_docs_show_the_rows_the_script_prints(printed):
     text, _ = printed
     docs = (ROOT / 'docs' / 'models.md').read_text()

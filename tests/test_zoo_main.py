@@ -79,14 +79,15 @@ def test_analyze_reports_hf_ratio_and_lambda_per_block(name, kwargs, size, image
 
 
 def test_benchmark_prices_a_new_family_with_each_addon(tmp_path, capsys):
-    """benchmark.py NAME+plain / NAME+attnscale / NAME+featscale on a MaxViT (--cost: the GPU cost of a training
-    step from the ops it dispatches): the add-ons cost ops and bytes, no change in the model's own FLOPs beyond a
-    few small products."""
+    """benchmark.py NAME+plain / NAME+attnscale / NAME+featscale on a two-stage MaxViT (--cost: the GPU cost of a
+    training step from the ops it dispatches): the add-ons cost ops and bytes, no change in the model's own FLOPs
+    beyond a few small products."""
     import benchmark
     out = tmp_path / 'cost.json'
     name = 'maxvit_rmlp_pico_rw_256'
     assert benchmark.main(['--models', f'{name}+plain', f'{name}+attnscale', f'{name}+featscale', '--img-size', '64',
                            '--batch-size', '2', '--num-classes', '10', '--dtype', 'bfloat16', '--cost', 'h100',
+                           '--model-kwargs', 'embed_dim=(32,32)', 'depths=(1,1)', 'block_type=("M","M")',
                            '--json', str(out)]) == 0
     summary = json.loads(out.read_text())['summary']
     plain = summary[f'{name}+plain']['train']
