@@ -36,6 +36,7 @@ from timm.models.cait import Cait
 
 from models import attnscale, dc_hf_split, set_fused_attn
 from models.plugin import self_attention_blocks
+from models.token_attention import NOT_TOKEN_ATTENTION
 
 # first layer index of each per-layer metric of `batch_metrics` (see the numbering above)
 FIRST_LAYER = {
@@ -135,9 +136,12 @@ def analysed_blocks(model: torch.nn.Module) -> list:
 def image_wide(model: torch.nn.Module) -> bool:
     """Whether the analysed blocks are `model.blocks`, one stage whose attention maps span every token of the
     image (ViT, DeiT, CaiT, EVA, BEiT, ...): then branch outputs, maps and spectra are compared across layers.
-    Otherwise (Swin, MaxViT, PVT-v2, ...: windows, pooled keys, stages of other sizes) only the tokens are."""
+    Otherwise (Swin, MaxViT, PVT-v2, ...: windows, pooled keys, stages of other sizes; XCiT: no token map at all)
+    only the tokens are."""
     blocks = getattr(model, 'blocks', None)
-    return isinstance(blocks, torch.nn.Module) and [id(b) for b in blocks] == [id(b) for b in analysed_blocks(model)]
+    if not isinstance(blocks, torch.nn.Module) or [id(b) for b in blocks] != [id(b) for b in analysed_blocks(model)]:
+        return False
+    return not any(isinstance(getattr(b, 'attn', None), tuple(NOT_TOKEN_ATTENTION)) for b in blocks)
 
 
 def _as_tokens(x, channels_first: bool = False) -> torch.Tensor:

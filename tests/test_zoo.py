@@ -19,6 +19,7 @@ from timm.models.byobnet import ByoBlockCfg
 from timm.models.vision_transformer import ResPostBlock
 from torch.overrides import TorchFunctionMode
 
+import diagnostics
 import models
 from models.plugin import AttnScaleAttention, FeatScaleProjection, install, self_attention_blocks
 from models.token_attention import NOT_TOKEN_ATTENTION, token_attention_modules
@@ -351,3 +352,41 @@ def test_one_query_attention_gets_no_gains(family):
             assert sorted(owners) == sorted(attentions)
         else:
             assert len(gains) == 2 * len(attentions)
+
+
+def test_featscale_only_where_attnscale_is_undefined():
+    """XCiT's cross-covariance attention has no token-to-token map: AttnScale is refused in one line that says why,
+    with the model untouched; FeatScale installs on every XCA block (not on the class-attention blocks), computes
+    timm's logits bit for bit at zero gains (both attention paths), matches y + lamb1 DC[y] + lamb2 HF[y] written
+    out on the XCA branch (gains -1 among them), with finite gradients for every gain."""
+    torch.manual_seed(0)
+    base = timm.create_model('xcit_nano_12_p16_224', img_size=32, depth=2, cls_attn_layers=1, num_classes=5).eval()
+    x = image(32)(2)
+    with pytest.raises(ValueError, match=r'^AttnScale cannot be installed in Xcit: its attention mixes channels or '
+                                         r'runs a linear attention: no token-to-token map, so A_dc is undefined; '
+                                         r'FeatScale can \(--addon featscale\)$'):
+        models.apply_addon(base, 'attnscale')
+    assert not any(n.rsplit('.', 1)[-1] in ADDON for n, _ in base.named_parameters())
+    model = models.apply_addon(copy.deepcopy(base), 'featscale')
+    gains = [n for n, _ in model.named_parameters() if n.rsplit('.', 1)[-1] in ADDON]
+    assert gains == [f'blocks.{i}.{g}' for i in range(2) for g in ('lamb1', 'lamb2')]
+    for fused in (True, False):
+        set_fused(base, fused)
+        set_fused(model, fused)
+        with torch.no_grad():
+            assert torch.equal(base(x), model(x)), fused
+    base, model = base.double(), model.double()
+    values = random_gains(model)
+    got = model(x.double())
+    got.square().mean().backward()
+    with torch.no_grad():
+        plain = base(x.double())
+        featscale_hooks(base, values, ('attn', 'nlc'))
+        expected = base(x.double())
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    assert (got - plain).abs().max() > 1e-6
+    assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if n in gains)
+    with torch.no_grad():  # analyze.py: no maps to read, the tokens before and after each block
+        found = diagnostics.probe(model.eval(), x.double())
+    assert [t.shape for t in found['tokens']] == [(2, 4, 128)] * 3 and not found['attn']

@@ -16,9 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'scripts'))
 import addon_coverage  # noqa: E402
 
-# LeViT (its own adapter), PiT (timm's blocks inside stages, found by the walker), ConViT (GPSA: no adapter) and
-# SwiftFormer (additive attention only: no token-to-token map, so not counted)
-FAMILIES = ['levit', 'pit', 'convit', 'swiftformer']
+# LeViT (its own adapter), PiT (timm's blocks inside stages, found by the walker), ConViT (GPSA: no adapter),
+# SwiftFormer (additive attention only: no token-to-token map, so not counted) and XCiT (channel attention: not
+# counted either, FeatScale only)
+FAMILIES = ['levit', 'pit', 'convit', 'swiftformer', 'xcit']
 
 
 @pytest.fixture(scope='module')
@@ -42,9 +43,10 @@ def test_prints_per_family_architectures_tags_covered_and_why(printed):
     assert table['levit'] == '| levit | 10 | 10 | 10 | 10 | — |'
     assert table['pit'] == '| pit | 8 | 8 | 8 | 8 | — |'
     assert table['convit'] == '| convit | 3 | 3 | 0 | 0 | its GPSA has no adapter (3) |'
-    assert 'swiftformer' not in table  # no token-to-token attention
+    assert 'swiftformer' not in table and 'xcit' not in table  # no token-to-token attention
+    assert text.splitlines()[-1] == 'Without token attention, FeatScale only (AttnScale refused): xcit (28)'
     assert table['total'] == '| **total** | **21** | **21** | **18** (85.7%) | **18** (85.7%) | |'
-    assert '(python scripts/addon_coverage.py --families levit pit convit swiftformer --json' in text
+    assert '(python scripts/addon_coverage.py --families levit pit convit swiftformer xcit --json' in text
 
 
 @pytest.mark.slow
@@ -53,6 +55,9 @@ def test_json_has_every_architecture_with_its_gains(printed):
     archs = data['architectures']
     swiftformer = [r for name, r in archs.items() if name.startswith('swiftformer_')]
     assert len(swiftformer) == 4 and not any(r['token_attention'] or r['covered'] for r in swiftformer)
+    xcit = archs['xcit_nano_12_p16_224']  # 12 XCA blocks of 128 channels; AttnScale refused
+    assert not xcit['token_attention'] and xcit['featscale'] == 12 * 2 * 128
+    assert xcit['attnscale'].endswith('no token-to-token map, so A_dc is undefined; FeatScale can (--addon featscale)')
     with torch.device('meta'):
         plain = timm.create_model('levit_128s')
     attentions = [m for m in plain.modules() if isinstance(m, (levit.Attention, levit.AttentionDownsample))]
