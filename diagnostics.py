@@ -24,16 +24,19 @@ change at each stage's patch merging). What needs the same N in every layer or t
 is left out: the per-window attention maps (49 x 49 over a 7 x 7 window, whose tokens are another set of
 patches in every window and, with the shift, every other block) are not the token mixing the spectral
 metrics describe, and the window attention's output is per window too. So for Swin: the HF ratio and
-patch cosine of X_l, and the learned gains.
+patch cosine of X_l, and the learned gains. The other hierarchical families that take the add-ons (Swin V2,
+MaxViT, CoAtNet, VOLO, PVT-v2, Twins, MViTv2, LeViT, PiT, CrossViT, MobileViT) are analysed as Swin is: the
+blocks that carry the add-ons, in order, each one's output read as tokens.
 """
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
 from timm.models.cait import Cait
-from timm.models.swin_transformer import SwinTransformer
 
 from models import attnscale, dc_hf_split, set_fused_attn
+from models.plugin import self_attention_blocks
+from models.token_attention import NOT_TOKEN_ATTENTION
 
 # first layer index of each per-layer metric of `batch_metrics` (see the numbering above)
 FIRST_LAYER = {
@@ -112,22 +115,43 @@ def attention_spectral_response(attn: torch.Tensor) -> torch.Tensor:
 
 
 def stage_prefix_tokens(model: torch.nn.Module) -> int:
-    """How many prefix (class) tokens come before the patch tokens in what `model.blocks` see:
+    """How many prefix (class) tokens come before the patch tokens in what the analysed blocks see:
     none for CaiT (its self-attention stage holds patch tokens only; the class token joins in
-    `blocks_token_only`) and Swin, `model.num_prefix_tokens` for a ViT/DeiT."""
-    return 0 if isinstance(model, (Cait, SwinTransformer)) else model.num_prefix_tokens
+    `blocks_token_only`) and the hierarchical families (Swin, ...), `model.num_prefix_tokens` for a ViT/DeiT."""
+    if isinstance(model, Cait) or not image_wide(model):
+        return 0
+    return getattr(model, 'num_prefix_tokens', 0)
 
 
 def analysed_blocks(model: torch.nn.Module) -> list:
-    """The blocks l = 1..L the diagnostics follow: `model.blocks`, or every stage's blocks for Swin."""
-    if isinstance(model, SwinTransformer):
-        return [blk for stage in model.layers for blk in stage.blocks]
-    return list(model.blocks)
+    """The blocks l = 1..L the diagnostics follow: those that carry (or would carry) the add-ons, every stage's in
+    order (`model.blocks` for a ViT, CaiT's self-attention stage, every Swin stage's blocks), or `model.blocks` of
+    a model no adapter knows."""
+    try:
+        return self_attention_blocks(model)
+    except ValueError:
+        return list(model.blocks)
 
 
-def _as_tokens(x: torch.Tensor) -> torch.Tensor:
-    """A block's output as tokens (B, N, C): a Swin map (B, H, W, C) gives its H*W tokens."""
-    return x.flatten(1, 2) if x.dim() == 4 else x
+def image_wide(model: torch.nn.Module) -> bool:
+    """Whether the analysed blocks are `model.blocks`, one stage whose attention maps span every token of the
+    image (ViT, DeiT, CaiT, EVA, BEiT, ...): then branch outputs, maps and spectra are compared across layers.
+    Otherwise (Swin, MaxViT, PVT-v2, ...: windows, pooled keys, stages of other sizes; XCiT: no token map at all)
+    only the tokens are."""
+    blocks = getattr(model, 'blocks', None)
+    if not isinstance(blocks, torch.nn.Module) or [id(b) for b in blocks] != [id(b) for b in analysed_blocks(model)]:
+        return False
+    return not any(isinstance(getattr(b, 'attn', None), tuple(NOT_TOKEN_ATTENTION)) for b in blocks)
+
+
+def _as_tokens(x, channels_first: bool = False) -> torch.Tensor:
+    """A block's output as tokens (B, N, C): a map (B, H, W, C), or (B, C, H, W) if `channels_first`, gives its
+    H*W tokens; MViTv2's (tokens, size) its tokens."""
+    if isinstance(x, tuple):
+        x = x[0]
+    if x.dim() == 4:
+        return x.flatten(2).transpose(1, 2) if channels_first else x.flatten(1, 2)
+    return x
 
 
 def probe(model: torch.nn.Module, images: torch.Tensor) -> dict:
@@ -143,10 +167,11 @@ def probe(model: torch.nn.Module, images: torch.Tensor) -> dict:
 
     The fused attention kernels never form the maps, so `fused_attn` is switched off on every module
     that has it for this call and restored afterwards; the hooks are removed as well. Put the model
-    in eval mode first (dropout and stochastic depth would change what is measured). For Swin only
-    'tokens' (each block's map as H*W tokens) and 'logits' are collected (see the module docstring).
+    in eval mode first (dropout and stochastic depth would change what is measured). For Swin and the other
+    hierarchical families (not `image_wide`) only 'tokens' (each block's map as H*W tokens) and 'logits' are
+    collected (see the module docstring).
     """
-    blocks, swin = analysed_blocks(model), isinstance(model, SwinTransformer)
+    blocks, swin = analysed_blocks(model), not image_wide(model)
     if not swin and not all(hasattr(blk.attn, 'attn_probe') for blk in blocks):
         raise ValueError(f'{type(model).__name__} has no attn_probe on its attention modules: '
                          'probe() works on the models of this repository only')
@@ -155,9 +180,10 @@ def probe(model: torch.nn.Module, images: torch.Tensor) -> dict:
     handles = []
     try:
         handles.append(blocks[0].register_forward_pre_hook(
-            lambda m, args: found['tokens'].append(_as_tokens(args[0]))))
+            lambda m, args: found['tokens'].append(_as_tokens(args[0], getattr(m, 'channels_first', False)))))
         for blk in blocks:
-            handles.append(blk.register_forward_hook(lambda m, args, out: found['tokens'].append(_as_tokens(out))))
+            handles.append(blk.register_forward_hook(lambda m, args, out: found['tokens'].append(
+                _as_tokens(out, getattr(m, 'channels_first', False)))))
             if not swin:
                 handles.append(blk.attn.register_forward_hook(lambda m, args, out: found['branch'].append(out)))
                 handles.append(blk.attn.attn_probe.register_forward_hook(  # the map A; the module applies AttnScale

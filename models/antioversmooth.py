@@ -23,6 +23,8 @@ in the activation's dtype; 1 + lamb is never rounded to bfloat16/float16 (where 
 Memory: no N x N constant is built. `fused.py` has the same formulas fused with the attention kernel
 and with the projection that produces y, which keep nothing extra for backward.
 """
+from typing import Optional
+
 import torch
 
 
@@ -37,27 +39,43 @@ def dc_hf_split(x: torch.Tensor):
     return dc, x - dc
 
 
+def dc_mean(x: torch.Tensor, valid: Optional[torch.Tensor] = None, dim: int = -2) -> torch.Tensor:
+    """DC[x], the mean over the token axis `dim` of x, kept as a length-1 axis, in float32 or wider: over every
+    token, or over those `valid` marks (a bool tensor that broadcasts against x, length 1 on the other axis)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    if valid is None:
+        return x.mean(dim=dim, keepdim=True, dtype=dtype)
+    kept = torch.where(valid, x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
+    return kept.sum(dim=dim, keepdim=True) / valid.sum(dim=dim, keepdim=True)
+
+
 def as_gain(lamb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A gain in float32, or x's dtype if wider (float64 references)."""
     return lamb.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def attnscale(attn: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
+def attnscale(attn: torch.Tensor, lamb: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """AttnScale on an explicit attention matrix attn (B, H, N, N) with per-head gains lamb (H,).
 
     A_dc + (1 + lamb)(A - A_dc) with A_dc = 1/N, written as (1 + lamb) A - lamb / N so that no
-    N x N constant is built and lamb = 0 returns A exactly.
+    N x N constant is built and lamb = 0 returns A exactly. With `valid` (B, 1, 1, N) bool (a padding
+    mask's keys), A_dc is 1/N_valid on the valid keys and 0 on the others.
     """
     lamb = as_gain(lamb, attn).view(-1, 1, 1)
-    return (attn * (1. + lamb) - lamb / attn.shape[-1]).to(attn.dtype)
+    if valid is None:
+        return (attn * (1. + lamb) - lamb / attn.shape[-1]).to(attn.dtype)
+    a_dc = valid.to(lamb.dtype) / valid.sum(dim=-1, keepdim=True)
+    return (attn * (1. + lamb) - lamb * a_dc).to(attn.dtype)
 
 
-def featscale(y: torch.Tensor, lamb1: torch.Tensor, lamb2: torch.Tensor, repeat: float = 1.) -> torch.Tensor:
+def featscale(y: torch.Tensor, lamb1: torch.Tensor, lamb2: torch.Tensor, repeat: float = 1.,
+              valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """FeatScale on y (B, N, C) with per-channel gains lamb1 (DC) and lamb2 (HF), each (C,).
 
     y + s (lamb1 DC[y] + lamb2 HF[y]) = (1 + s lamb2) y + s (lamb1 - lamb2) DC[y]: one expression of y
-    and its token mean, so backward keeps only y and DC[y] (no HF[y] or other temporaries).
+    and its token mean, so backward keeps only y and DC[y] (no HF[y] or other temporaries). With `valid`
+    (B, N, 1) bool (a padding mask's tokens), DC[y] is the mean over the valid tokens only.
     """
     lamb1, lamb2 = as_gain(lamb1, y), as_gain(lamb2, y)
-    dc = y.mean(dim=-2, keepdim=True, dtype=lamb1.dtype)
+    dc = y.mean(dim=-2, keepdim=True, dtype=lamb1.dtype) if valid is None else dc_mean(y, valid).to(lamb1.dtype)
     return torch.addcmul((repeat * (lamb1 - lamb2)) * dc, y, 1. + repeat * lamb2).to(y.dtype)

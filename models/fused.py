@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .antioversmooth import as_gain, featscale
+from .antioversmooth import as_gain, dc_mean, featscale
 
 
 def autocast_off(device_type: str):
@@ -60,6 +60,25 @@ def _heads(qkv: torch.Tensor, num_heads: int) -> Tuple[torch.Tensor, torch.Tenso
 def _token_mean(v: torch.Tensor) -> torch.Tensor:
     """DC[v] (B, H, 1, d) in float32 or wider."""
     return v.mean(dim=-2, keepdim=True, dtype=torch.promote_types(v.dtype, torch.float32))
+
+
+@torch.jit.ignore
+def key_validity(attn_mask: torch.Tensor) -> torch.Tensor:
+    """Which keys an attention mask (..., Nq, Nk) lets at least one query see, as (B or 1, Nk, 1) bool: a padding
+    mask's valid tokens. A bool mask attends where True; an additive mask masks with -inf or its dtype's lowest
+    value (as timm writes them: entries below half that value count as masked)."""
+    allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask > torch.finfo(attn_mask.dtype).min / 2
+    allowed = allowed.any(dim=-2)
+    while allowed.dim() > 2:  # heads
+        allowed = allowed.any(dim=1)
+    return allowed.view(-1, allowed.shape[-1], 1)
+
+
+def attnscale_values(o: torch.Tensor, mean: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
+    """A'v = (1 + lamb) o - lamb DC[v] from o = A v with the heads on axis -3 and DC[v] (float32) shaped alike, by
+    plain autograd: AttnScale for any map where the projection cannot take it. Zero gains give o bit for bit."""
+    lamb = as_gain(lamb, mean).view(-1, 1, 1)
+    return torch.addcmul(-lamb * mean, o, 1. + lamb).to(o.dtype)
 
 
 class QKVHeads(torch.autograd.Function):

@@ -18,23 +18,26 @@ merged, over whole images: the same row-by-row products, bit for bit on CPU, tho
 pick another kernel for the other shape. The explicit path shows each map to `attn_probe`, an identity
 whose forward hooks see it (diagnostics.py).
 """
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention, maybe_add_mask, resolve_self_attn_mask
-from timm.models.cait import Cait, LayerScaleBlock, TalkingHeadAttn
-from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, WindowAttention
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.cait import LayerScaleBlock, TalkingHeadAttn
+from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
+from timm.models.vision_transformer import Block
 
 from .antioversmooth import attnscale, featscale
-from .fused import attnscale_projection, featscale_projection, plain_autograd, qkv_heads, qkv_heads_and_mean
+from .fused import (attnscale_projection, attnscale_values, dc_mean, featscale_projection, key_validity, plain_autograd,
+                    qkv_heads, qkv_heads_and_mean)
 from .checkpoint import ADDON_KEY
+from .token_attention import token_attention_modules
 
 ADDONS = ('attnscale', 'featscale')
-SUPPORTED = ('timm VisionTransformer (and subclasses) with Block + Attention blocks, '
-             'timm Cait (self-attention stage), timm SwinTransformer')
+SUPPORTED = ('timm VisionTransformer, DeiT, CaiT, Swin and the other families of docs/models.md '
+             '(python scripts/addon_coverage.py lists them)')
 
 
 class AttnScaleAttention:
@@ -50,19 +53,55 @@ class AttnScaleAttention:
         """Whether dropout acts on the attention map, so that AttnScale must form A' itself."""
         return self.lamb is not None and self.training and self.attn_drop.p > 0.
 
-    def split(self, qkv: torch.Tensor, num_heads: int):
-        """q, k, v from the qkv projection's output, and DC[v] where AttnScale goes through the projection."""
+    def split(self, qkv: torch.Tensor, num_heads: int, valid: Optional[torch.Tensor] = None):
+        """q, k, v from the qkv projection's output, and DC[v] where AttnScale goes through the projection: the
+        mean over every key, or over the keys `valid` (B, N, 1) marks (a padding mask's, `key_validity`)."""
         if self.lamb is None or self.map_dropped():
             q, k, v = qkv_heads(qkv, num_heads)
             return q, k, v, None
+        if valid is not None:
+            q, k, v = qkv_heads(qkv, num_heads)
+            return q, k, v, dc_mean(v, valid.unsqueeze(1))
         return qkv_heads_and_mean(qkv, num_heads)
 
-    def attend(self, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The explicit map's product with v, through `attn_probe` and dropout (A' formed only when dropped)."""
+    def values_mean(self, v: torch.Tensor, valid: Optional[torch.Tensor] = None, dim: int = -2):
+        """DC[v], the values' mean over the keys (axis `dim`; only those `valid` marks), in float32, where AttnScale
+        acts on the attention's output rather than on its map (None elsewhere): for values that do not come
+        from one fused qkv projection (separate projections, pooled keys)."""
+        if self.lamb is None or self.map_dropped():
+            return None
+        return dc_mean(v, valid, dim)
+
+    def scale_values(self, o: torch.Tensor, mean: Optional[torch.Tensor]) -> torch.Tensor:
+        """A'v = (1 + lamb) A v - lamb DC[v] from o = A v with the heads on axis -3 ((B, H, N, d), (B, H, d, N),
+        windows (B, G, H, n, d)) and DC[v] shaped alike: AttnScale on the attention's output, for projections that
+        are not a plain Linear over the heads' channels (or come after other terms). o itself where `mean` is None."""
+        if mean is None or self.lamb is None:
+            return o
+        return attnscale_values(o, mean, self.lamb)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                  is_causal: bool = False, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + attn_mask) v as timm's `Attention` runs it: the fused kernel (`fused_attn`,
+        unless dropout acts on AttnScale's map) or the explicit map (`attend`, A_dc over the keys `valid` marks)."""
+        if self.fused_attn and not self.map_dropped():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                                  dropout_p=self.attn_drop.p if self.training else 0.)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn = maybe_add_mask(attn, resolve_self_attn_mask(q.shape[-2], attn, attn_mask, is_causal))
+        return self.attend(attn.softmax(dim=-1), v, valid)
+
+    def attn_map(self, attn: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The explicit map A as the product with v takes it: shown to `attn_probe`, and A' where dropout acts on
+        it (A_dc over the keys `valid` (B, N, 1) marks, where given)."""
         attn, lamb = self.attn_probe(attn), self.lamb
         if lamb is not None and self.map_dropped():
-            attn = attnscale(attn, lamb)
-        return self.attn_drop(attn) @ v
+            attn = attnscale(attn, lamb, None if valid is None else valid.transpose(-1, -2).unsqueeze(1))
+        return attn
+
+    def attend(self, attn: torch.Tensor, v: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The explicit map's product with v, through `attn_map` and dropout."""
+        return self.attn_drop(self.attn_map(attn, valid)) @ v
 
     def project(self, x: torch.Tensor, mean: Optional[torch.Tensor]) -> torch.Tensor:
         """The output projection `proj`, with AttnScale where `mean` (DC[v]) is given."""
@@ -84,7 +123,8 @@ class ViTAttention(Attention, AttnScaleAttention):
         AttnScale is to act in the projection."""
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        q, k, v, mean = self.split(self.qkv(x), self.num_heads)
+        valid = key_validity(attn_mask) if attn_mask is not None and self.lamb is not None else None
+        q, k, v, mean = self.split(self.qkv(x), self.num_heads, valid)
         q, k = self.q_norm(q), self.k_norm(k)
         if self.fused_attn and not self.map_dropped():
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
@@ -92,7 +132,7 @@ class ViTAttention(Attention, AttnScaleAttention):
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
-            x = self.attend(attn.softmax(dim=-1), v)
+            x = self.attend(attn.softmax(dim=-1), v, valid)
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
         if gate is not None:
             x = x * gate
@@ -104,6 +144,12 @@ class FeatScaleProjection:
     (`featscale_projection`, which keeps nothing extra for backward) where no dropout follows the projection.
     Where the attention module has forward hooks (diagnostics.py), the attention runs whole, then `featscale`:
     the same numbers, and the hooks see its output."""
+
+    def valid_tokens(self, attn_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The tokens (B, N, 1) a padding mask leaves valid, where FeatScale needs them (None: every token)."""
+        if attn_mask is None or self.lamb1 is None:
+            return None
+        return key_validity(attn_mask)
 
     def featscale_fused(self) -> bool:
         if torch.jit.is_scripting():
@@ -118,20 +164,43 @@ class FeatScaleProjection:
         return featscale_projection(z, self.attn.proj.weight, self.attn.proj.bias, self.lamb1, self.lamb2,
                                     self.feat_scale_repeat)
 
+    def fuses_featscale(self) -> bool:
+        """Whether the block has FeatScale and runs it fused with the attention's projection."""
+        return self.lamb1 is not None and self.lamb2 is not None and self.featscale_fused()
+
+    def feat_scaled(self, y: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """FeatScale on the attention branch's output y (B, N, C) where the block has its gains (else y): DC over
+        every token, or over those `valid` (B, N, 1) marks."""
+        if self.lamb1 is None or self.lamb2 is None:
+            return y
+        return featscale(y, self.lamb1, self.lamb2, self.feat_scale_repeat, valid)
+
+    def feat_scaled_map(self, y: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
+        """`feat_scaled` on a map, (B, H, W, C) or with `channels_first` (B, C, H, W): DC over its H W tokens."""
+        if self.lamb1 is None or self.lamb2 is None:
+            return y
+        if channels_first:
+            return self.feat_scaled(y.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(y.shape)
+        return self.feat_scaled(y.reshape(y.shape[0], -1, y.shape[-1])).view(y.shape)
+
+    def branch_channels(self) -> int:
+        """Channels of the attention branch's output (FeatScale's gains)."""
+        return self.attn.proj.out_features
+
 
 class ViTBlock(Block, FeatScaleProjection):
-    """timm's pre-norm `Block` with optional FeatScale on the attention branch, before `ls1`.
+    """timm's pre-norm `Block` with optional FeatScale on the attention branch, before `ls1`. Under a padding mask
+    (NaFlexViT) both add-ons take their means over the valid tokens only.
 
     `feat_scale_repeat` is 1 (the paper); the released DeiT models use 2 (see `deit.py`).
     """
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        if self.lamb1 is not None and self.lamb2 is not None and self.featscale_fused():
+        if attn_mask is None and self.lamb1 is not None and self.lamb2 is not None and self.featscale_fused():
             y = self.featscale_projection(*self.attn.mix(self.norm1(x), attn_mask, is_causal))
         else:
-            y = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
-            if self.lamb1 is not None and self.lamb2 is not None:
-                y = featscale(y, self.lamb1, self.lamb2, self.feat_scale_repeat)
+            y = self.feat_scaled(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal),
+                                 self.valid_tokens(attn_mask))
         x = x + self.drop_path1(self.ls1(y))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
@@ -242,35 +311,53 @@ class SwinBlock(SwinTransformerBlock, FeatScaleProjection):
             self.attn.projection_deferred = False
 
 
-# (timm's block, timm's attention) -> (our block, our attention), per supported family
-ADAPTERS = {
-    VisionTransformer: ((Block, Attention), (ViTBlock, ViTAttention)),
-    Cait: ((LayerScaleBlock, TalkingHeadAttn), (CaitBlock, CaitAttention)),
-    SwinTransformer: ((SwinTransformerBlock, WindowAttention), (SwinBlock, SwinWindowAttention)),
-}
+@dataclass(frozen=True)
+class Adapter:
+    """How one family takes the add-ons: our subclasses of its block and attention, the block's attribute that holds
+    the attention, and (FeatScale-only families) why AttnScale is undefined there."""
+    block: type
+    attention: type
+    attr: str = 'attn'
+    no_attnscale: str = ''
 
 
-def _adapter(model: nn.Module):
-    """(blocks the add-ons go into, (our block class, our attention class)) for `model`: `blocks` (ViT; CaiT's
-    self-attention stage) or every stage's blocks (Swin). A ValueError names the model's class otherwise."""
-    family = next((f for f in ADAPTERS if isinstance(model, f)), None)
-    if family is None:
-        raise ValueError(f'AttnScale/FeatScale cannot be installed in {type(model).__name__}; '
-                         f'supported: {SUPPORTED}')
-    blocks = [b for s in model.layers for b in s.blocks] if family is SwinTransformer else list(model.blocks)
-    timm_kinds, ours = ADAPTERS[family]
-    odd = [f'{type(b).__name__}/{type(getattr(b, "attn", None)).__name__}' for b in blocks
-           if type(b) not in (timm_kinds[0], ours[0]) or type(getattr(b, "attn", None)) not in (timm_kinds[1], ours[1])]
-    if odd or not blocks:
-        raise ValueError(f'AttnScale/FeatScale cannot be installed in {type(model).__name__}: its blocks are '
-                         f'{odd[0] if odd else "missing"}, not timm\'s {timm_kinds[0].__name__}/'
-                         f'{timm_kinds[1].__name__}; supported: {SUPPORTED}')
-    return blocks, ours
+ADAPTERS = {}  # timm's block class -> {timm's attention class: Adapter}; our classes map to the same Adapter
+
+
+def register(block: type, attention: type, ours: Adapter) -> None:
+    """Register the adapter of timm's `block` holding timm's `attention` (and of ours, for a second install)."""
+    for b in (block, ours.block):
+        for a in (attention, ours.attention):
+            ADAPTERS.setdefault(b, {})[a] = ours
+
+
+register(Block, Attention, Adapter(ViTBlock, ViTAttention))
+register(LayerScaleBlock, TalkingHeadAttn, Adapter(CaitBlock, CaitAttention))
+register(SwinTransformerBlock, WindowAttention, Adapter(SwinBlock, SwinWindowAttention))
+
+
+def _adapter(model: nn.Module) -> list:
+    """[(block, Adapter)] for every block of `model` that takes the add-ons, in module order: wherever timm's
+    blocks sit (ViT's `blocks`, CaiT's self-attention stage, every Swin stage, CrossViT's branches, PiT's stages,
+    MobileViT's transformers, ...). A ValueError names the model's class when it has none, or when one of its
+    token-to-token attention modules (`token_attention.py`) would be left without gains."""
+    found = [(m, ADAPTERS[type(m)][type(getattr(m, attr))]) for m in model.modules() if type(m) in ADAPTERS
+             for attr in {a.attr for a in ADAPTERS[type(m)].values()}
+             if type(getattr(m, attr, None)) in ADAPTERS[type(m)]]
+    covered = {id(getattr(blk, a.attr)) for blk, a in found}
+    left = [(name, m) for name, m in token_attention_modules(model) if id(m) not in covered]
+    if left:
+        name, m = left[0]
+        raise ValueError(f'AttnScale/FeatScale cannot be installed in {type(model).__name__}: its '
+                         f'{type(m).__name__} ({name}) has no adapter; supported: {SUPPORTED}')
+    if not found:
+        raise ValueError(f'AttnScale/FeatScale cannot be installed in {type(model).__name__}; supported: {SUPPORTED}')
+    return found
 
 
 def self_attention_blocks(model: nn.Module) -> list:
     """The blocks of a supported model that carry (or would carry) the add-ons, in order."""
-    return _adapter(model)[0]
+    return [blk for blk, _ in _adapter(model)]
 
 
 def _gain(module: nn.Module, name: str, size: int, on: bool) -> None:
@@ -286,17 +373,23 @@ def install(model: nn.Module, attn_scale: bool = False, feat_scale: bool = False
             feat_scale_repeat: float = 1.) -> nn.Module:
     """Turn every self-attention block of `model` and its attention into our subclasses, in place, with the
     chosen add-ons' gains at zero (neither: the same function, with `attn_probe` for diagnostics)."""
-    blocks, ours = _adapter(model)
-    for blk in blocks:
-        blk.__class__, blk.attn.__class__ = ours
+    found = _adapter(model)
+    refused = next((a.no_attnscale for _, a in found if a.no_attnscale), '') if attn_scale else ''
+    if refused:
+        raise ValueError(f'AttnScale cannot be installed in {type(model).__name__}: its attention {refused}; '
+                         'FeatScale can (--addon featscale)')
+    for blk, adapter in found:
+        attn = getattr(blk, adapter.attr)
+        blk.__class__, attn.__class__ = adapter.block, adapter.attention
         blk.feat_scale_repeat = feat_scale_repeat
-        if not hasattr(blk.attn, 'attn_probe'):
-            blk.attn.attn_probe = nn.Identity()
-        if isinstance(blk.attn, SwinWindowAttention):  # an instance attribute, seen by TorchScript
-            blk.attn.projection_deferred = False  # True for one call of SwinBlock.merged_before_projection
-        _gain(blk.attn, 'lamb', blk.attn.num_heads, attn_scale)
+        if not hasattr(attn, 'attn_probe'):
+            attn.attn_probe = nn.Identity()
+        if isinstance(attn, SwinWindowAttention):  # an instance attribute, seen by TorchScript
+            attn.projection_deferred = False  # True for one call of SwinBlock.merged_before_projection
+        if not adapter.no_attnscale:
+            _gain(attn, 'lamb', attn.num_heads, attn_scale)
         for name in ('lamb1', 'lamb2'):
-            _gain(blk, name, blk.attn.proj.out_features, feat_scale)
+            _gain(blk, name, blk.branch_channels(), feat_scale)
     return model
 
 

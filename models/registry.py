@@ -55,7 +55,7 @@ def create_model(name: str, addon: str = None, **kwargs):
 
     `addon` ('attnscale' or 'featscale') installs that add-on into the model (see `plugin.apply_addon`), with
     its gains at zero, after any pretrained weights of the base model are loaded; a name that carries an add-on
-    already is refused.
+    already is refused. A model without an `img_size` argument (it takes any input size) is built without it.
     """
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, sorted(set(list_variants() + timm.list_models())), n=5, cutoff=0.5)
@@ -64,7 +64,12 @@ def create_model(name: str, addon: str = None, **kwargs):
     if addon and name.split('_')[0] in ADDONS:
         raise ValueError(f'--addon {addon}: {name} carries an add-on already; drop --addon or pick a base model')
     with hub.hub_errors(name, kwargs.get('cache_dir')):
-        model = timm.create_model(name, **kwargs)
+        try:
+            model = timm.create_model(name, **kwargs)
+        except TypeError as e:  # a model that takes any input size has no img_size argument (PVT-v2, CNNs)
+            if kwargs.get('img_size') is None or "'img_size'" not in str(e):
+                raise
+            model = timm.create_model(name, **{k: v for k, v in kwargs.items() if k != 'img_size'})
     return apply_addon(model, addon) if addon else model
 
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 import timm
 import torch
-from timm.models.vision_transformer import ResPostBlock
+from timm.models.vision_transformer import ParallelScalingBlock
 
 import models
 from models.checkpoint import ADDON_KEY
@@ -160,8 +160,8 @@ def test_cait_class_attention_and_official_deit_quirks():
 def test_unsupported_models_and_double_addons_fail_with_one_line():
     with pytest.raises(ValueError, match=r'cannot be installed in ResNet; supported: timm VisionTransformer'):
         models.apply_addon(timm.create_model('resnet10t'), 'attnscale')
-    vit = timm.create_model('vit_tiny_patch16_224', img_size=32, depth=2, block_fn=ResPostBlock)
-    with pytest.raises(ValueError, match=r'VisionTransformer: its blocks are ResPostBlock/Attention, not timm.s Block'):
+    vit = timm.create_model('vit_tiny_patch16_224', img_size=32, depth=2, block_fn=ParallelScalingBlock)
+    with pytest.raises(ValueError, match=r'VisionTransformer: its ParallelScalingBlock \(blocks.0\) has no adapter'):
         models.apply_addon(vit, 'featscale')
     with pytest.raises(ValueError, match="unknown add-on 'attnscal'"):
         models.apply_addon(vit, 'attnscal')
