@@ -1,4 +1,5 @@
-"""AttnScale / FeatScale as a plug-in for timm's own ViT, CaiT and Swin models: `apply_addon(model, addon)`.
+"""AttnScale / FeatScale as a plug-in for timm's own models (ViT, CaiT, Swin here; the other families in
+`zoo_vit.py`, `zoo_hierarchical.py` and `zoo_featscale_only.py`): `apply_addon(model, addon)`.
 
 One small adapter per supported timm family turns the family's attention module and block into
 their subclass below, in place (`module.__class__` is swapped, the weights stay where they are),
