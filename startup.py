@@ -385,11 +385,21 @@ def model_error(name: str, given: str, e: Exception) -> str:
         return text if isinstance(e, ValueError) else f'--model {name} cannot be built ({type(e).__name__}: {text})'
     if 'divisible by num_heads' in text:
         return heads_error(name, given)
-    if 'blocks are missing' in text:  # our variants install their add-on gains into every block: there are none
+    if 'has no attention blocks' in text and builds(name):  # the gains go into every block: these kwargs left none
         return (f'--model-kwargs {given}: {name} has no attention blocks with these arguments; fix: give it at '
                 'least one block (e.g. depth=1)')
     return f'--model {name} --model-kwargs {given}: cannot be built ({type(e).__name__}: {text}); fix: change ' \
            '--model-kwargs (every size must be a positive number)'
+
+
+def builds(name: str) -> bool:
+    """Whether `name` builds (on the meta device) with its default arguments."""
+    try:
+        with torch.device('meta'):
+            models.create_model(name)
+    except Exception:
+        return False
+    return True
 
 
 def heads_error(name: str, given: str) -> str:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .antioversmooth import as_gain, dc_mean, featscale
+from .antioversmooth import as_gain, featscale
 
 
 def autocast_off(device_type: str):
@@ -253,7 +253,7 @@ class FeatScaleProjection(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         z, weight, bias, lamb1, lamb2, mean, mean_y, gap, w_scaled = ctx.saved_tensors
-        s, gd, (B, N, K) = ctx.repeat, lamb1.dtype, z.shape
+        s, gd, (N, K) = ctx.repeat, lamb1.dtype, z.shape[1:]
         with autocast_off(grad.device.type):
             if w_scaled is None:
                 w_scaled = _scaled(weight, lamb2, z.dtype, s)

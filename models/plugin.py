@@ -30,8 +30,8 @@ from timm.models.cait import LayerScaleBlock, TalkingHeadAttn
 from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Block
 
-from .antioversmooth import attnscale, featscale
-from .fused import (attnscale_projection, attnscale_values, dc_mean, featscale_projection, key_validity, plain_autograd,
+from .antioversmooth import attnscale, dc_mean, featscale
+from .fused import (attnscale_projection, attnscale_values, featscale_projection, key_validity, plain_autograd,
                     qkv_heads, qkv_heads_and_mean)
 from .checkpoint import ADDON_KEY
 from .token_attention import token_attention_modules
@@ -352,7 +352,8 @@ def _adapter(model: nn.Module) -> list:
         raise ValueError(f'AttnScale/FeatScale cannot be installed in {type(model).__name__}: its '
                          f'{type(m).__name__} ({name}) has no adapter; supported: {SUPPORTED}')
     if not found:
-        raise ValueError(f'AttnScale/FeatScale cannot be installed in {type(model).__name__}; supported: {SUPPORTED}')
+        raise ValueError(f'AttnScale/FeatScale cannot be installed in {type(model).__name__}: it has no attention '
+                         f'blocks; supported: {SUPPORTED}')
     return found
 
 

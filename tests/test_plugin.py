@@ -158,7 +158,8 @@ def test_cait_class_attention_and_official_deit_quirks():
 
 
 def test_unsupported_models_and_double_addons_fail_with_one_line():
-    with pytest.raises(ValueError, match=r'cannot be installed in ResNet; supported: timm VisionTransformer'):
+    with pytest.raises(ValueError, match=r'cannot be installed in ResNet: it has no attention blocks; supported: '
+                                         r'timm VisionTransformer'):
         models.apply_addon(timm.create_model('resnet10t'), 'attnscale')
     vit = timm.create_model('vit_tiny_patch16_224', img_size=32, depth=2, block_fn=ParallelScalingBlock)
     with pytest.raises(ValueError, match=r'VisionTransformer: its ParallelScalingBlock \(blocks.0\) has no adapter'):
