@@ -39,13 +39,19 @@ def explicit_formula(model: torch.nn.Module) -> torch.nn.Module:
 
 def gain_gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dtype=None) -> torch.Tensor:
     """dL/d(gains) of one cross-entropy step, flattened in float64, under `dtype` autocast (None: none). Under
-    float16 the loss is scaled by 2^16 for backward, as a GradScaler would (CaiT's layer scale of 1e-5 would
-    otherwise flush the gains' gradients to zero), and the gradients scaled back."""
+    float16 the loss is scaled for backward as a GradScaler scales it, and the gradients scaled back: 2^16, halved
+    until every gradient is finite (CaiT's layer scale of 1e-5 would otherwise flush the gains' gradients to
+    zero)."""
     scale = 2. ** 16 if dtype == torch.float16 else 1.
-    model.zero_grad()
-    with torch.autocast(x.device.type, dtype or torch.float32, enabled=dtype is not None):
-        loss = F.cross_entropy(model(x), y)
-    (loss * scale).backward()
+    while True:
+        model.zero_grad()
+        with torch.autocast(x.device.type, dtype or torch.float32, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        (loss * scale).backward()
+        finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        if finite or scale == 1.:
+            break
+        scale /= 2.
     return torch.cat([p.grad.double().flatten() / scale for n, p in model.named_parameters() if ADDON_KEY.search(n)])
 
 

@@ -59,6 +59,14 @@ def run_dir(finished, tmp_path):
     (['--world_size', 2], r'--world_size 2 needs a launcher .*fix: torchrun --nproc_per_node'),
     (['--start_epoch', 2], r'--start_epoch 2 must be below --epochs 2'),
     (['--eval', '--throughput'], r'--eval and --throughput both choose what the run does'),
+    (['--lr-noise', 0.1, 0.2, 0.3], r'--lr-noise 0\.1 0\.2 0\.3: give 1 value .* or 2 .*e\.g\. --lr-noise 0\.4 0\.9'),
+    (['--cutmix-minmax', 0.8, 0.2], r'--cutmix-minmax 0\.8 0\.2: give 2 values MIN < MAX in \(0, 1\]'),
+    (['--device', 'mps'], r'--device mps: main\.py runs on cpu or cuda; fix: pass --device cpu or --device cuda'),
+    (['--device', 'cuda:0'], r'--device cuda but CUDA is not available; pass --device cpu'),
+    (['--amp-dtype', 'float16'], r'--amp-dtype float16 needs CUDA; use bfloat16 or float32 on CPU'),
+    (['--opt-betas', 0.9], r'--opt-betas 0\.9: --opt adamw takes 2 betas; fix: pass 2 values'),
+    (['--sched', 'none'], r'--sched none: main\.py steps a schedule every epoch; fix: .*--sched constant'),
+    (['--sched', 'plateau', '--sched-on-updates'], r'--sched plateau steps once an epoch .*fix: drop --sched-on-updates'),
 ])
 def test_a_bad_flag_is_one_line_before_anything_happens(data, run_dir, flags, expected):
     before = snapshot(run_dir, data)

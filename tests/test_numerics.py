@@ -372,3 +372,20 @@ def test_featscale_fused_with_the_projection_matches_featscale_after_it(name):
     model.train()
     model.blocks[0].attn.proj_drop.p = 0.1
     assert not model.blocks[0].featscale_fused() and model.blocks[1].featscale_fused()
+
+
+def test_gain_precision_script_prints_both_paths_errors(capsys):
+    """scripts/gain_precision.py: per dtype, the training path's and the explicit formula's relative errors of
+    dL/d(gains), nonzero and small under bfloat16 at 3e-3 gains, and their ratio; a timm model + add-on too."""
+    import gain_precision
+    tiny = ['--img-size', '32', '--model-kwargs', 'depth=2', 'patch_size=8', '--batch-size', '2']
+    for model in ('attnscale_tiny_12', 'deit_tiny_patch16_224+featscale'):
+        assert gain_precision.main([model, *tiny, '--dtype', 'bfloat16', 'float16', '--gain', '0.01']) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == (f'{model}: relative error of dL/d(gains) against float64 of the explicit formula, '
+                            'gains 0.01, batch 2, 32 px')
+        for line, dtype in zip(lines[1:], ('bfloat16', 'float16')):
+            name, _, _, fused, _, _, written, _, ratio = line.split()
+            assert name == dtype and 0 < float(fused) < 0.1 and 0 < float(written) < 0.1
+            assert float(ratio) == pytest.approx(float(fused) / float(written), abs=0.01, rel=0.05)
+        assert len(lines) == 3
