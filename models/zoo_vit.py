@@ -45,7 +45,13 @@ def rotated(t: torch.Tensor, rope: Optional[torch.Tensor], prefix: int, half: bo
 
 
 class RopeAttentionOutput(AttnScaleAttention):
-    """What EVA's attention and `AttentionRope` share after q, k and v: RoPE, attention, scale norm, gate."""
+    """What EVA's attention and `AttentionRope` share: the forward through `mix`, and after q, k and v: RoPE,
+    attention, scale norm, gate. Listed first among a subclass's bases, so that its forward is the one taken."""
+
+    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        z, mean = self.mix(x, rope, attn_mask, is_causal)
+        return self.proj_drop(self.project(z, mean))
 
     def mixed(self, q, k, v, gate, rope, attn_mask, is_causal, valid, width: int, groups: int = 1) -> torch.Tensor:
         """q and k normed and rotated, k and v repeated over their `groups` of query heads, then the attention,
@@ -61,13 +67,8 @@ class RopeAttentionOutput(AttnScaleAttention):
         return x if gate is None else x * gate
 
 
-class EvaAttentionAddon(EvaAttention, RopeAttentionOutput):
+class EvaAttentionAddon(RopeAttentionOutput, EvaAttention):
     """EVA's attention (RoPE on q and k, fused or separate q/k/v projections) with optional AttnScale."""
-
-    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
-        z, mean = self.mix(x, rope, attn_mask, is_causal)
-        return self.proj_drop(self.project(z, mean))
 
     def mix(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False):
@@ -84,13 +85,8 @@ class EvaAttentionAddon(EvaAttention, RopeAttentionOutput):
         return self.mixed(q, k, v, gate, rope, attn_mask, is_causal, valid, C), mean
 
 
-class RopeAttention(AttentionRope, RopeAttentionOutput):
+class RopeAttention(RopeAttentionOutput, AttentionRope):
     """timm's `AttentionRope` (EVA-style ViTs, Qwen3-VL, DeepSeek; grouped-query heads) with optional AttnScale."""
-
-    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
-        z, mean = self.mix(x, rope, attn_mask, is_causal)
-        return self.proj_drop(self.project(z, mean))
 
     def mix(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False):

@@ -9,7 +9,9 @@
   explicit map, FeatScale after the projection), outputs and every gradient; gradients are finite at lamb = -1.
 """
 import copy
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import timm
@@ -21,8 +23,11 @@ from torch.overrides import TorchFunctionMode
 
 import diagnostics
 import models
-from models.plugin import AttnScaleAttention, FeatScaleProjection, install, self_attention_blocks
+from models.plugin import install, self_attention_blocks
 from models.token_attention import NOT_TOKEN_ATTENTION, token_attention_modules
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts'))
+from gain_precision import explicit_formula  # noqa: E402  (A' on the explicit map, FeatScale after the projection)
 
 ADDON = ('lamb', 'lamb1', 'lamb2')
 
@@ -160,12 +165,6 @@ def random_gains(model, seed=2):
     return {n: p.detach().clone() for n, p in model.named_parameters() if n.rsplit('.', 1)[-1] in ADDON}
 
 
-def set_fused(model, on):
-    for m in model.modules():
-        if hasattr(m, 'fused_attn'):
-            m.fused_attn = on
-
-
 @pytest.mark.parametrize('family', FAMILIES)
 def test_zero_gains_compute_timms_model_bit_for_bit(family):
     """Each add-on adds only its gains to the state dict and, at zero, computes timm's logits bit for bit on both
@@ -179,7 +178,7 @@ def test_zero_gains_compute_timms_model_bit_for_bit(family):
         assert set(base.state_dict()) == set(model.state_dict()) - set(gains)
         for fused in (True, False):
             for m in (base, model):
-                set_fused(m, fused)
+                models.set_fused_attn(m, fused)
             with torch.no_grad():
                 assert torch.equal(base(x), model(x)), (addon, fused)
             assert torch.equal(base(x), model(x)), (addon, fused)
@@ -265,7 +264,7 @@ def test_gains_match_the_written_out_definitions(family, addon):
     model = with_addon(base, addon)
     gains = random_gains(model)
     x = cast(inputs(family), torch.float64)
-    set_fused(base, False)
+    models.set_fused_attn(base, False)
     valid = valid_tokens(base, x)
     with torch.no_grad():
         got, plain = model(x), base(x)
@@ -277,18 +276,6 @@ def test_gains_match_the_written_out_definitions(family, addon):
     assert (got - plain).abs().max() > 1e-7 * scale  # the gains act, by far more than the tolerance
 
 
-def plain_formulas(model):
-    """`model` with A' formed on the explicit map and FeatScale after the projection (no fused form)."""
-    model = copy.deepcopy(model)
-    set_fused(model, False)
-    for m in model.modules():
-        if isinstance(m, AttnScaleAttention):
-            m.map_dropped = lambda m=m: m.lamb is not None
-        if isinstance(m, FeatScaleProjection):
-            m.featscale_fused = lambda: False
-    return model
-
-
 @pytest.mark.parametrize('addon', models.ADDONS)
 @pytest.mark.parametrize('family', FAMILIES)
 def test_fused_forms_equal_the_plain_formulas_with_finite_gradients(family, addon):
@@ -296,7 +283,7 @@ def test_fused_forms_equal_the_plain_formulas_with_finite_gradients(family, addo
     amplify)."""
     model = with_addon(build(family).double(), addon).train()
     random_gains(model)
-    plain = plain_formulas(model)
+    plain = explicit_formula(model)
     x = cast(inputs(family, batch=3), torch.float64)
     outs = []
     for m in (model, plain):
@@ -371,8 +358,8 @@ def test_featscale_only_where_attnscale_is_undefined():
     gains = [n for n, _ in model.named_parameters() if n.rsplit('.', 1)[-1] in ADDON]
     assert gains == [f'blocks.{i}.{g}' for i in range(2) for g in ('lamb1', 'lamb2')]
     for fused in (True, False):
-        set_fused(base, fused)
-        set_fused(model, fused)
+        models.set_fused_attn(base, fused)
+        models.set_fused_attn(model, fused)
         with torch.no_grad():
             assert torch.equal(base(x), model(x)), fused
     base, model = base.double(), model.double()
