@@ -110,6 +110,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--cost', nargs='+', default=None, choices=sorted(gpu_cost.GPUS), metavar='GPU',
                    help='instead of timing, predict each model\'s cost on these GPUs (h100, a100) from the ops one '
                         'training step and one inference pass dispatch, shapes only (gpu_cost.py); no GPU needed')
+    p.add_argument('--cost-changes', action='store_true',
+                   help='with --cost: also list, per model and pass, the ops it dispatches beyond the reference\'s '
+                        '(and those it no longer dispatches), with their predicted microseconds on the first --cost GPU')
 
     g = p.add_argument_group('input pipeline (--data)')
     g.add_argument('--data', action='store_true', help='benchmark the DeiT data transforms instead of models')
@@ -136,6 +139,8 @@ def check_args(args) -> None:
     """Fail early, with the fix, on options that cannot work together."""
     if 'float16' in args.dtype and torch.device(args.device).type != 'cuda':
         raise SystemExit('--dtype float16 needs CUDA; use bfloat16 or float32 on CPU')
+    if args.cost_changes and not args.cost:
+        raise SystemExit('--cost-changes lists the ops behind a --cost prediction: add --cost h100 (or a100)')
     if args.reference is not None and args.reference not in args.models + list(variants(args)):
         raise SystemExit(f'--reference {args.reference} is not one of --models')
     for option in ('models', 'dtype', 'attn_path'):
@@ -623,7 +628,30 @@ def benchmark_cost(args) -> dict:
           + f', {1e6 * gpu_cost.KERNEL_FLOOR_S:.0f} us per kernel; * = reference')
     print(render_table(*gpu_cost.format_table(summary, ref, gpus)))
     config = {k: v for k, v in vars(args).items() if k != 'memory_child'}
-    return dict(config=dict(config, reference=ref), summary=summary)
+    payload = dict(config=dict(config, reference=ref), summary=summary)
+    if args.cost_changes:
+        payload['changes'] = print_changes(accounts, ref, gpus[0])
+    return payload
+
+
+def print_changes(accounts: dict, reference: str, gpu: gpu_cost.GPU) -> dict:
+    """--cost-changes: per model other than the reference and per pass, the ops it adds or drops (gpu_cost.op_changes),
+    printed as a table under a line with the totals; returns the rows."""
+    changes = {}
+    for label, modes in accounts.items():
+        if label == reference:
+            continue
+        changes[label] = {}
+        for mode, acc in modes.items():
+            ref = accounts[reference][mode]
+            rows = changes[label][mode] = gpu_cost.op_changes(acc, ref, gpu)
+            delta = 1e6 * (acc.seconds(gpu) - ref.seconds(gpu))
+            print(f'\n{label}, {"training step" if mode == "train" else "inference pass"}, against {reference}: '
+                  f'{acc.count - ref.count:+d} ops, {delta:+.1f} us on {gpu.name} '
+                  f'({acc.seconds(gpu) / ref.seconds(gpu):.4f}x)')
+            if rows:
+                print(render_table(*gpu_cost.format_changes(rows)))
+    return changes
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ kernels have their own efficiencies. Ratios between models that differ by a few 
 the model predicts well.
 """
 import inspect
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -287,6 +288,33 @@ def summarize(accounts: dict, reference: str, gpus: list) -> dict:
                 entry[f'{gpu.name} x'] = acc.seconds(gpu) / accounts[reference][mode].seconds(gpu)
             out[label][mode] = entry
     return out
+
+
+def op_changes(account: Account, reference: Account, gpu: GPU) -> list:
+    """What `account` dispatches beyond `reference`, and what it no longer dispatches: one row per kind of op
+    (phase, name, bytes, FLOPs) whose count differs, as dicts with the count's change, the kind, and the predicted
+    microseconds of one such op and of the change on `gpu`. Their 'us' sum to the difference of the two accounts'
+    predictions. Forward first, then the largest changes."""
+    def kinds(acc):
+        return Counter((op.phase, op.name, op.nbytes, op.flops) for op in acc.ops)
+    mine, ref = kinds(account), kinds(reference)
+    rows = []
+    for kind in mine.keys() | ref.keys():
+        change = mine[kind] - ref[kind]
+        if change:
+            phase, name, nbytes, flops = kind
+            each = 1e6 * gpu.seconds(flops, nbytes)
+            rows.append(dict(change=change, phase=phase, op=name, bytes=nbytes, flops=flops, us_each=each,
+                             us=change * each))
+    return sorted(rows, key=lambda r: (r['phase'] != 'forward', -abs(r['us']), r['op'], r['bytes']))
+
+
+def format_changes(rows: list) -> list:
+    """(header, rows) of `op_changes`' rows: count change, phase, op, MB and MFLOP of one op, its predicted us, and
+    the change's."""
+    header = ['change', 'phase', 'op', 'MB each', 'MFLOP each', 'us each', 'us']
+    return header, [[f'{r["change"]:+d}', r['phase'], r['op'], f'{r["bytes"] / 1e6:.2f}', f'{r["flops"] / 1e6:.1f}',
+                     f'{r["us_each"]:.2f}', f'{r["us"]:+.1f}'] for r in rows]
 
 
 def format_table(summary: dict, reference: str, gpus: list) -> list:

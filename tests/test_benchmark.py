@@ -113,6 +113,7 @@ def test_data_mode(runs):
     (['--models', 'deit_tiny_12', '--reference', 'deit_small_12', '--device', 'cpu'], 'not one of --models'),
     (['--compile', '--warmup', '0', '--device', 'cpu'], '--warmup >= 1'),
     (['--attn-path', 'fused', 'fused', '--device', 'cpu'], '--attn-path lists a value twice'),
+    (['--cost-changes'], '--cost-changes lists the ops behind a --cost prediction: add --cost h100'),
 ])
 def test_bad_options_fail_fast(argv, message):
     with pytest.raises(SystemExit, match=message):

@@ -130,3 +130,51 @@ def test_cost_mode_prints_predictions_with_ratios_to_the_reference(tmp_path, cap
     rows = [line.split(' | ') for line in printed.splitlines()[3:] if ' | ' in line]
     assert [r[0].strip() for r in rows] == ['deit_tiny_12+plain *', 'attnscale_tiny_12', 'featscale_tiny_12']
     assert float(rows[1][4]) == pytest.approx(summary['attnscale_tiny_12']['train']['H100 SXM ms'], abs=0.006)
+
+
+def test_op_changes_lists_what_a_model_adds_and_drops():
+    """One row per kind of op (phase, name, bytes, FLOPs) whose count differs, forward first, then by the change's
+    predicted time; each row's microseconds are its count times one op's, and they sum to the predictions' gap."""
+    h100 = gpu_cost.GPUS['h100']
+    op = gpu_cost.Op
+    ref = gpu_cost.Account([op('aten::mm', 'forward', 10 ** 9, 10 ** 6), op('aten::sum', 'backward', 0, 3 * 10 ** 7),
+                            op('aten::sum', 'backward', 0, 3 * 10 ** 7), op('aten::add', 'backward', 0, 8)])
+    acc = gpu_cost.Account([op('aten::mm', 'forward', 10 ** 9, 10 ** 6), op('aten::mean', 'backward', 0, 3 * 10 ** 7),
+                            op('aten::sum', 'backward', 0, 3 * 10 ** 7), op('aten::mul', 'forward', 0, 4),
+                            op('aten::mul', 'forward', 0, 4), op('aten::add', 'backward', 0, 8)])
+    rows = gpu_cost.op_changes(acc, ref, h100)
+    each = {'mul': 2. + 4 / 3.35e6, 'big': 2. + 3e7 / 3.35e6}
+    assert [(r['change'], r['phase'], r['op'], r['bytes'], r['flops']) for r in rows] == [
+        (2, 'forward', 'aten::mul', 4, 0), (1, 'backward', 'aten::mean', 3 * 10 ** 7, 0),
+        (-1, 'backward', 'aten::sum', 3 * 10 ** 7, 0)]
+    assert [r['us_each'] for r in rows] == pytest.approx([each['mul'], each['big'], each['big']], rel=1e-12)
+    assert [r['us'] for r in rows] == pytest.approx([2 * each['mul'], each['big'], -each['big']], rel=1e-12)
+    assert sum(r['us'] for r in rows) == pytest.approx(1e6 * (acc.seconds(h100) - ref.seconds(h100)), rel=1e-9)
+    assert gpu_cost.op_changes(ref, ref, h100) == []
+    header, table = gpu_cost.format_changes(rows)
+    assert header[0] == 'change' and table[0][:3] == ['+2', 'forward', 'aten::mul'] and table[2][-1] == '-11.0'
+
+
+def test_cost_changes_prints_each_models_extra_ops(tmp_path, capsys):
+    """benchmark.py --cost --cost-changes: after the table, per add-on model and pass, a line with its extra ops and
+    microseconds against the reference, and the rows behind them (in --json too), which add up to that line."""
+    out = tmp_path / 'cost.json'
+    assert benchmark.main(['--models', 'deit_tiny_12', 'featscale_tiny_12', '--model-kwargs', 'depth=2',
+                           'patch_size=8', '--img-size', '32', '--batch-size', '4', '--num-classes', '10',
+                           '--dtype', 'bfloat16', '--cost', 'a100', 'h100', '--cost-changes',
+                           '--json', str(out)]) == 0
+    printed = capsys.readouterr().out
+    payload = json.loads(out.read_text())
+    assert list(payload['changes']) == ['featscale_tiny_12']
+    for mode, what in (('train', 'training step'), ('infer', 'inference pass')):
+        rows, s, ref = (payload['changes']['featscale_tiny_12'][mode], payload['summary']['featscale_tiny_12'][mode],
+                        payload['summary']['deit_tiny_12'][mode])
+        gap_us = 1e3 * (s['A100 SXM ms'] - ref['A100 SXM ms'])  # the first --cost GPU
+        assert sum(r['us'] for r in rows) == pytest.approx(gap_us, rel=1e-9)
+        assert sum(r['change'] for r in rows) == s['ops'] - ref['ops'] > 0
+        line = (f'featscale_tiny_12, {what}, against deit_tiny_12: {s["ops"] - ref["ops"]:+d} ops, {gap_us:+.1f} us on '
+                f'A100 SXM ({s["A100 SXM x"]:.4f}x)')
+        assert line in printed.splitlines()
+    # per block, the forward pass adds the token mean and one per-image pass over the projection's output
+    forward = [r for r in payload['changes']['featscale_tiny_12']['infer'] if r['change'] > 0]
+    assert {(r['op'], r['change']) for r in forward} >= {('aten::mean', 2), ('aten::addcmul_', 2)}
