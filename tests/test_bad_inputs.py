@@ -67,6 +67,18 @@ def run_dir(finished, tmp_path):
     (['--opt-betas', 0.9], r'--opt-betas 0\.9: --opt adamw takes 2 betas; fix: pass 2 values'),
     (['--sched', 'none'], r'--sched none: main\.py steps a schedule every epoch; fix: .*--sched constant'),
     (['--sched', 'plateau', '--sched-on-updates'], r'--sched plateau steps once an epoch .*fix: drop --sched-on-updates'),
+    (['--model-kwargs', 'depth=1', 'num_classes=5'], r'--model-kwargs num_classes=5: main\.py sets num_classes from '
+                                                     r'the data set \(its class count\); fix: drop it from --model-kwargs'),
+    (['--model-kwargs', 'depth=1', 'foo=3'], r'--model-kwargs foo=3: deit_tiny_12 has no argument foo; fix: drop it'),
+    (['--model-kwargs', 'depth=-1'], r'--model deit_tiny_12 --model-kwargs depth=-1: cannot be built \(RuntimeError: '
+                                     r'.*\); fix: change --model-kwargs \(every size must be a positive number\)'),
+    (['--pretrained'], r'--pretrained: deit_tiny_12 has no pretrained weights \(released: attnscale_small_12, .*\); '
+                       r'fix: drop --pretrained, or pass the weights with --finetune <file>'),
+    (['--distillation-type', 'hard', '--finetune', 'x.pth'], r'fine-tuning with distillation is not supported; drop '
+                                                             r'--distillation-type or --finetune'),
+    (['--distillation-type', 'hard'], r'--distillation-type needs --teacher-path \(weights are never downloaded\)'),
+    (['--distillation-type', 'hard', '--teacher-path', 't.pth', '--teacher-model', 'regnety_16'],
+     r"--teacher-model 'regnety_16' is not a timm model \(closest: regnety_160, "),
 ])
 def test_a_bad_flag_is_one_line_before_anything_happens(data, run_dir, flags, expected):
     before = snapshot(run_dir, data)
@@ -105,6 +117,17 @@ def test_every_numeric_flag_out_of_its_range_is_one_line(data, dest):
     flag = action.option_strings[0]
     assert_one_error(code, err, rf'^error: {flag} {action.type(bad)}(: each value)? must be {re.escape(str(accepted))}')
     assert out == ''
+
+
+def test_flags_without_effect_in_training_are_warned(data, tmp_path):
+    code, out, err = run_main([*TINY, '--data-path', data, '--epochs', 1, '--decay-epochs', 5, '--dist-eval',
+                               '--cooldown-epochs', 3])
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith('warning:')]
+    assert warnings == ['warning: --decay-epochs 5.0: no effect (--sched cosine does not use it)',
+                        'warning: --cooldown-epochs 3: no effect (main.py trains exactly --epochs epochs, as DeiT does; '
+                        'add the cool-down epochs to --epochs)',
+                        'warning: --dist-eval: no effect in a single process']
 
 
 def test_flags_without_effect_under_eval_are_warned(data, finished, tmp_path):

@@ -140,6 +140,14 @@ def test_a_shorter_epochs_than_trained_is_refused(data, run_dir):
     assert snapshot(run_dir) == before
 
 
+def test_a_start_epoch_beside_a_checkpoint_that_continues_is_refused(data, run_dir):
+    before = snapshot(run_dir)
+    code, out, err = run_main(args(data, run_dir, '--epochs', 4, '--start_epoch', 1, '--auto_reload'))
+    assert_one_error(code, err, rf'--start_epoch 1: {run_dir}/checkpoint\.pth continues the run at epoch 2; fix: drop '
+                                r'--start_epoch$')
+    assert snapshot(run_dir) == before
+
+
 def test_the_same_epochs_again_trains_nothing_and_changes_nothing(data, run_dir):
     before = snapshot(run_dir)
     code, out, err = run_main(args(data, run_dir, '--epochs', 2, '--auto_reload'))
