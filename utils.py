@@ -377,7 +377,7 @@ def _init_error_message(exc: BaseException, rank: int, world_size: int) -> str:
     text = ' '.join(str(exc).split())
     port = os.environ.get('MASTER_PORT', '?')
     addr = os.environ.get('MASTER_ADDR', '?')
-    if 'EADDRINUSE' in text or 'address already in use' in text:
+    if 'EADDRINUSE' in text or 'address already in use' in text.lower():
         return (f'port {port} is in use on this machine (another run or program holds it); pass --master_port '
                 f'<free port> to the launcher (MASTER_PORT for a direct or SLURM launch)')
     if 'MASTER_ADDR' in text or 'MASTER_PORT' in text or 'environment variable' in text:

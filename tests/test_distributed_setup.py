@@ -205,3 +205,23 @@ def test_gloo_timeout_raised_in_ddp_backward_is_a_one_line_timeout_error():
     assert utils.is_comm_error(exc)
     assert utils.comm_error_message(exc, 0.15).startswith(
         'a collective operation failed: another process did not answer within --dist-timeout 0.15 min')
+
+
+@pytest.mark.parametrize('text,expected', [
+    ('The server socket has failed to bind to [::]:29500 (errno: 98 - Address already in use).',
+     'port 29511 is in use on this machine (another run or program holds it); pass --master_port <free port> '
+     'to the launcher (MASTER_PORT for a direct or SLURM launch)'),
+    ("environment variable MASTER_ADDR expected, but not set",
+     'cannot join the process group (environment variable MASTER_ADDR expected, but not set); set MASTER_ADDR and '
+     'MASTER_PORT, or start main.py with torchrun / torch.distributed.launch --use_env'),
+    ('Socket Timeout\n  waiting for rank 1',
+     'timed out joining the process group at node7:29511 (rank 0 of 2); check that every process was started and '
+     'that MASTER_ADDR/MASTER_PORT agree, or raise --dist-timeout'),
+    ('Connection reset by peer', 'cannot join the process group at node7:29511 (Connection reset by peer)'),
+])
+def test_a_failed_process_group_join_is_one_line_with_what_to_do(monkeypatch, text, expected):
+    """What main.py prints when init_process_group raises: the port in use, missing rendezvous variables, a timeout
+    (with this rank and the address it waited on), anything else with the address and the error, on one line."""
+    monkeypatch.setenv('MASTER_ADDR', 'node7')
+    monkeypatch.setenv('MASTER_PORT', '29511')
+    assert utils._init_error_message(RuntimeError(text), 0, 2) == expected
